@@ -1,0 +1,175 @@
+"""Command line: parses, calls the library, prints. No analysis lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import tempfile
+from functools import wraps
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import LayerdiffError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1.5G', '300MiB', '1000000' -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 256M or 2G")
+    power = " KMGT".index((m.group(2) or " ").upper())
+    return int(float(m.group(1)) * 1024**power)
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a layer range like 4:12")
+    a, b = int(m.group(1) or 0), int(m.group(2) or 1 << 30)
+    if b <= a:
+        raise click.BadParameter(f"{text!r} selects no layers")
+    return a, b
+
+
+def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input -> one line on stderr and exit 1; Ctrl-C -> exit 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LayerdiffError as e:
+            click.echo(f"layerdiff: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("layerdiff: interrupted; nothing written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache (default: HF_HUB_CACHE).")(fn)
+    fn = click.option("--revision", help="Hub branch, tag or commit (hub repo ids only).")(fn)
+    return click.argument("model")(fn)
+
+
+def _open(model: str, revision: str | None, cache_dir: str | None) -> tuple[Any, Any, Any]:
+    from .index import load_index
+    from .layout import build_layout
+    from .sources import resolve
+
+    source = resolve(model, revision, cache_dir)
+    index = load_index(source.files, source.index_file)
+    return source, index, build_layout(index, source.config)
+
+
+def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    """Write to a temp file beside `path`, then rename: never a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_output_path(out: Path, source: Any) -> None:
+    """Fail before the scan, not after it, on an output that cannot be written."""
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise LayerdiffError(out, "output directory does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LayerdiffError(out, "output directory is not writable")
+    protected = [source.root.resolve()]
+    if source.repo_id:
+        protected.append(source.root.resolve().parent.parent)  # the repo's cache folder
+    for p in protected:
+        if parent == p or p in parent.parents:
+            raise LayerdiffError(out, "refusing to write into the checkpoint directory or the hub cache")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="layerdiff")
+def main() -> None:
+    """Compare adjacent transformer layers straight from safetensors shards."""
+
+
+@main.command()
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@clean_errors
+def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bool) -> None:
+    """List shards, stacks, families and sizes, reading headers only."""
+    from .report import inspect_doc, inspect_text
+
+    doc = inspect_doc(*_open(model, revision, cache_dir))
+    click.echo(json.dumps(doc, indent=2) if as_json else inspect_text(doc))
+
+
+@main.command()
+@model_options
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
+@click.option("--max-memory", default="256M", show_default=True, help="Peak resident memory of all processes.")
+@click.option("--stack", "stacks", multiple=True, help="Only this stack (repeatable).")
+@click.option("--family", "families", multiple=True, help="Only this family (repeatable).")
+@click.option("--layers", help="Only layers A..B-1, as A:B.")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
+@click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@clean_errors
+def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | None, max_memory: str,
+         stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool) -> None:
+    """The null test: cosine, residual and scale track of adjacent layers."""
+    from .scan import ScanOptions
+
+    options = ScanOptions(parse_size(max_memory), jobs, stacks, families, parse_layers(layers) if layers else None)
+    source, _, layout = _open(model, revision, cache_dir)
+    _run_scan(source, layout, options, out, quiet)
+
+
+@main.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
+@clean_errors
+def example(out: Path | None) -> None:
+    """Scan the small Qwen3-shaped checkpoint that ships with layerdiff."""
+    from .layout import build_layout
+    from .index import load_index
+    from .scan import ScanOptions
+    from .sources import resolve
+
+    folder = Path(str(resources.files("layerdiff") / "example"))
+    source = resolve(str(folder))
+    layout = build_layout(load_index(source.files, source.index_file), source.config)
+    _run_scan(source, layout, ScanOptions(), out, quiet=False)
+
+
+def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: bool) -> None:
+    from tqdm import tqdm
+
+    from .report import scan_text
+    from .scan import plan_scan, scan
+
+    if out is not None:
+        check_output_path(out, source)
+    plan = plan_scan(layout, options)
+    tqdm.monitor_interval = 0  # no monitor thread: workers are forked
+    with tqdm(total=plan.bytes_total, unit="B", unit_scale=True, unit_divisor=1024, desc="scan",
+              file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False) as bar:
+        result = scan(layout, options, bar.update, plan)
+    result = {"model": source.spec, "source": source.describe(), **result}
+    if not quiet:
+        click.echo(scan_text(result))
+    if out is not None:
+        write_json_atomic(out, result)
+        if not quiet:
+            click.echo(f"\nSaved: {out}")

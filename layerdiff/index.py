@@ -1,0 +1,217 @@
+"""Safetensors headers -> a lazy index of every tensor, reading no tensor data.
+
+All format rules live here: an 8-byte little-endian header length, a JSON
+header, optional `__metadata__`, and `data_offsets` relative to the end of the
+header. Everything a broken or hostile file can get wrong is checked before any
+later stage trusts an offset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerdiffError
+
+# Same ceiling as the safetensors reference implementation: a longer header is
+# refused before anything is allocated for it.
+MAX_HEADER_BYTES = 100_000_000
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    itemsize: int
+    kind: str  # "float" (analysed), "int", "bool"
+
+
+DTYPES: dict[str, DType] = {
+    d.name: d
+    for d in (
+        DType("BOOL", 1, "bool"),
+        DType("U8", 1, "int"),
+        DType("I8", 1, "int"),
+        DType("U16", 2, "int"),
+        DType("I16", 2, "int"),
+        DType("U32", 4, "int"),
+        DType("I32", 4, "int"),
+        DType("U64", 8, "int"),
+        DType("I64", 8, "int"),
+        DType("F8_E4M3", 1, "float"),
+        DType("F8_E5M2", 1, "float"),
+        DType("F16", 2, "float"),
+        DType("BF16", 2, "float"),
+        DType("F32", 4, "float"),
+        DType("F64", 8, "float"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: absolute offsets in its shard file."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES[self.dtype].kind == "float"
+
+
+@dataclass
+class Shard:
+    path: Path
+    size: int
+    data_start: int
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate tensor name {key!r}")
+        out[key] = value
+    return out
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def read_header(path: Path) -> Shard:
+    """Parse and validate one shard's header; touch no tensor bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LayerdiffError(path, f"file of {size} bytes is too small for a safetensors header")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise LayerdiffError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
+            if 8 + n > size:
+                raise LayerdiffError(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise LayerdiffError(path, "no such file") from None
+    except IsADirectoryError:
+        raise LayerdiffError(path, "is a directory, not a safetensors file") from None
+    except PermissionError:
+        raise LayerdiffError(path, "permission denied") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError:
+        raise LayerdiffError(path, "header is not UTF-8 text") from None
+    except ValueError as e:  # JSONDecodeError and duplicate names
+        raise LayerdiffError(path, f"invalid JSON header: {e}") from None
+    if not isinstance(header, dict):
+        raise LayerdiffError(path, "header is not a JSON object")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise LayerdiffError(path, "__metadata__ must map strings to strings")
+    shard = Shard(path, size, data_start, metadata)
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        shard.tensors[name] = info = _tensor(path, name, entry, data_start, size)
+        spans.append((info.start, info.start + info.nbytes, name))
+    spans.sort()
+    reach, owner = 0, ""
+    for start, end, name in spans:
+        if start < reach and end > start:
+            raise LayerdiffError(path, f"tensors {owner!r} and {name!r} overlap")
+        if end > reach:
+            reach, owner = end, name
+    return shard
+
+
+def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise LayerdiffError(path, f"{where}: entry is not a JSON object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise LayerdiffError(path, f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise LayerdiffError(path, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise LayerdiffError(path, f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
+    begin, end = offsets
+    if begin > end:
+        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] are in the wrong order")
+    expected = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != expected:
+        raise LayerdiffError(path, f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+    if data_start + end > size:
+        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)")
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+
+
+@dataclass
+class TensorIndex:
+    """Every tensor of a checkpoint, by name, plus the shards they live in."""
+
+    tensors: dict[str, TensorInfo]
+    shards: list[Shard]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+
+def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex:
+    """Index a single file, or the shards named by a `*.safetensors.index.json`."""
+    if index_file is not None:
+        weight_map = read_weight_map(index_file)
+        files = sorted({index_file.parent / s for s in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise LayerdiffError(index_file, f"weight_map names shard {f.name!r}, which is missing")
+    shards = [read_header(f) for f in files]
+    tensors: dict[str, TensorInfo] = {}
+    for shard in shards:
+        for name, info in shard.tensors.items():
+            if name in tensors:
+                raise LayerdiffError(shard.path, f"tensor {name!r} is also in {tensors[name].file.name}")
+            tensors[name] = info
+    if index_file is not None:
+        for name, shard_name in weight_map.items():
+            info = tensors.get(name)
+            if info is None or info.file.name != Path(shard_name).name:
+                raise LayerdiffError(index_file, f"weight_map puts {name!r} in {shard_name}, which lacks it")
+    return TensorIndex(tensors, shards)
+
+
+def read_weight_map(index_file: Path) -> dict[str, str]:
+    try:
+        doc = json.loads(index_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LayerdiffError(index_file, "no such file") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LayerdiffError(index_file, f"invalid JSON: {e}") from None
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+        raise LayerdiffError(index_file, "no weight_map mapping tensor names to shard files")
+    for shard_name in set(wm.values()):
+        if Path(shard_name).name != shard_name or not shard_name.endswith(".safetensors"):
+            raise LayerdiffError(index_file, f"weight_map names {shard_name!r}, not a .safetensors file beside the index")
+    return wm

@@ -1,0 +1,76 @@
+"""Memory-mapped, row-block access to tensor bytes, with page release.
+
+Each shard is mapped once per process. A block of rows is a zero-copy numpy
+view of the mapping; once it has been decoded, its pages are dropped from this
+process (MADV_DONTNEED), so resident memory stays at about one block whatever
+the model size. The pages stay in the page cache: nothing is read twice.
+"""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from .index import TensorInfo
+from .layout import grid
+
+NUMPY_DTYPES: dict[str, np.dtype] = {
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+_PAGE = mmap.PAGESIZE
+
+
+class Reader:
+    """Opens shards on first use; counts the bytes it hands out."""
+
+    def __init__(self) -> None:
+        self._maps: dict[Path, mmap.mmap] = {}
+        self.bytes_mapped = 0
+
+    def _map(self, path: Path) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is None:
+            with open(path, "rb") as f:
+                m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+    def rows(self, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of `t` as a (rows, cols) array viewing the mapping."""
+        _, cols = grid(t.shape)
+        dtype = NUMPY_DTYPES[t.dtype]
+        start = t.start + r0 * cols * dtype.itemsize
+        count = (r1 - r0) * cols
+        self.bytes_mapped += count * dtype.itemsize
+        buf = np.frombuffer(self._map(t.file), dtype=dtype, count=count, offset=start)
+        return buf.reshape(r1 - r0, cols)
+
+    def release(self, t: TensorInfo, r0: int, r1: int) -> None:
+        """Drop the pages of rows [r0, r1) from this process's resident set."""
+        _, cols = grid(t.shape)
+        itemsize = NUMPY_DTYPES[t.dtype].itemsize
+        m = self._map(t.file)
+        lo = (t.start + r0 * cols * itemsize) // _PAGE * _PAGE
+        hi = min(len(m), -(-(t.start + r1 * cols * itemsize) // _PAGE) * _PAGE)
+        if hi > lo:
+            m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def whole(self, t: TensorInfo) -> np.ndarray:
+        """A small tensor (e.g. a block-scale grid) copied out as float32."""
+        rows, _ = grid(t.shape)
+        out = self.rows(t, 0, rows).astype(np.float32)
+        self.release(t, 0, rows)
+        return out
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()

@@ -1,0 +1,456 @@
+"""The null test, streamed: adjacent-layer cosines, residuals and scale track.
+
+Work is cut into items of (segment, row block), where a segment is one raw
+tensor name followed through a run of consecutive layers of the same shape.
+An item walks the layers in order, decodes the block of layer L once, and
+combines it with the still-decoded block of layer L-1: every analysed byte is
+read exactly once, and only two decoded blocks per worker are alive. Items run
+in worker processes (two cores pay; two threads do not, see the notes).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .errors import LayerdiffError
+from .index import TensorIndex, TensorInfo
+from .kernel import padded, rowdot
+from .layout import SEED_FAMILIES, Layout, Member, grid
+from .reader import Reader
+
+SCHEMA = "layerdiff.scan/1"
+MiB = 1 << 20
+# Largest block (elements per layer): bigger blocks fall out of the 2 MB L2
+# cache and decode more slowly, smaller ones pay per-call overhead.
+MAX_BLOCK = 1 << 20
+MIN_BLOCK = 1 << 14
+# Resident bytes per block element, worst case: the mapped raw value (up to 8),
+# two decoded buffers (current and previous layer, up to 8 each), and room for
+# a temporary of the block.
+BYTES_PER_ELEMENT = 32
+EPS = 1e-12  # the seed's guard: a family with a smaller norm is skipped
+
+
+@dataclass(frozen=True)
+class Part:
+    """One family's share of a raw tensor (all of it, unless fused)."""
+
+    family: str
+    rows: tuple[tuple[int, int], ...] | None
+    cols: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Segment:
+    stack: str
+    raw: str
+    layers: tuple[int, ...]
+    tensors: tuple[TensorInfo, ...]
+    parts: tuple[Part, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensors[0].shape
+
+    @property
+    def work_dtype(self) -> type:
+        return np.float64 if any(t.dtype == "F64" for t in self.tensors) else np.float32
+
+
+@dataclass
+class ScanOptions:
+    max_memory: int = 256 * MiB
+    jobs: int = 0  # 0: all cores
+    stacks: tuple[str, ...] = ()
+    families: tuple[str, ...] = ()
+    layers: tuple[int, int] | None = None
+
+
+@dataclass
+class Plan:
+    segments: list[Segment]
+    skipped: list[dict[str, Any]]
+    jobs: int
+    block: int
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(t.nbytes for s in self.segments for t in s.tensors)
+
+    def items(self) -> Iterator[tuple[int, int, int]]:
+        for i, seg in enumerate(self.segments):
+            rows, cols = grid(seg.shape)
+            step = max(1, self.block // max(cols, 1))
+            for r0 in range(0, rows, step):
+                yield i, r0, min(rows, r0 + step)
+
+    def item_bytes(self, item: tuple[int, int, int]) -> int:
+        seg = self.segments[item[0]]
+        _, cols = grid(seg.shape)
+        return sum((item[2] - item[1]) * cols * t.nbytes // max(t.numel, 1) for t in seg.tensors)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _read_bytes() -> int:
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
+    """Choose segments, worker count and block size within the memory budget."""
+    segments, skipped = _segments(layout, options)
+    if not segments:
+        raise LayerdiffError("scan", "nothing to analyse: no floating-point layer tensors match the selection")
+    jobs = options.jobs or os.cpu_count() or 1
+    base = _rss_bytes()
+    # A forked worker starts as a copy of this process's resident pages.
+    while jobs > 1 and (options.max_memory - base * (jobs + 1)) // jobs < MIN_BLOCK * BYTES_PER_ELEMENT:
+        jobs -= 1
+    per_worker = base * (jobs + 1) if jobs > 1 else base
+    block = (options.max_memory - per_worker) // (jobs * BYTES_PER_ELEMENT)
+    if block < MIN_BLOCK:
+        need = per_worker + MIN_BLOCK * BYTES_PER_ELEMENT
+        raise LayerdiffError(
+            "--max-memory",
+            f"{options.max_memory // MiB} MiB is too small: this process already uses {base // MiB} MiB, "
+            f"and a scan needs at least {-(-need // MiB)} MiB",
+        )
+    largest = max(grid(s.shape)[1] for s in segments)
+    if largest > block:
+        raise LayerdiffError(
+            "--max-memory", f"{options.max_memory // MiB} MiB is too small for rows of {largest} values"
+        )
+    return Plan(segments, skipped, jobs, min(MAX_BLOCK, block))
+
+
+def _segments(layout: Layout, options: ScanOptions) -> tuple[list[Segment], list[dict[str, Any]]]:
+    segments: list[Segment] = []
+    skipped: list[dict[str, Any]] = []
+    for stack in layout.stacks.values():
+        if options.stacks and stack.name not in options.stacks:
+            continue
+        groups: dict[str, dict[str, list[Member]]] = {}
+        for family, members in stack.families.items():
+            if options.families and family not in options.families:
+                continue
+            if options.layers:
+                a, b = options.layers
+                members = [m for m in members if a <= m.layer < b]
+            groups.setdefault(stack.raw[family], {})[family] = members
+        for raw, fams in groups.items():
+            for run in _runs(stack.name, raw, fams, skipped):
+                segments.append(run)
+    return segments, skipped
+
+
+def _runs(stack: str, raw: str, fams: dict[str, list[Member]], skipped: list[dict[str, Any]]) -> Iterator[Segment]:
+    """Split one raw tensor's layers into runs of consecutive layers of one shape."""
+    by_layer: dict[int, list[Member]] = {}
+    for members in fams.values():
+        for m in members:
+            by_layer.setdefault(m.layer, []).append(m)
+    run: list[tuple[int, list[Member]]] = []
+
+    def close() -> Iterator[Segment]:
+        if run:
+            parts = tuple(Part(f, m.rows, m.cols) for f, m in zip(fams, run[0][1]))
+            yield Segment(stack, raw, tuple(L for L, _ in run), tuple(ms[0].tensor for _, ms in run), parts)
+            run.clear()
+
+    for layer in sorted(by_layer):
+        ms = by_layer[layer]
+        t = ms[0].tensor
+        if not t.is_float:
+            skipped.append({"stack": stack, "raw": raw, "layer": layer, "reason": f"{t.dtype} is not a floating-point dtype"})
+            continue
+        if t.numel == 0:
+            skipped.append({"stack": stack, "raw": raw, "layer": layer, "reason": "empty tensor"})
+            continue
+        if run:
+            prev_layer, prev = run[-1]
+            if prev_layer + 1 != layer:
+                yield from close()
+            elif prev[0].tensor.shape != t.shape:
+                skipped.append({
+                    "stack": stack, "raw": raw, "L": prev_layer, "L_next": layer,
+                    "reason": f"shape changes from {list(prev[0].tensor.shape)} to {list(t.shape)}",
+                })
+                yield from close()
+        run.append((layer, ms))
+    yield from close()
+
+
+# --- the work of one item, in a worker or in-process -------------------------
+
+_WORK: dict[str, Any] = {}
+
+
+def _init_worker(segments: list[Segment]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    _WORK["segments"] = segments
+    _WORK["reader"] = Reader()
+    _limit_blas()
+
+
+def _limit_blas() -> None:
+    # A multi-threaded BLAS fighting the other worker for the two cores made a
+    # dot 60x slower in measurements here; the kernel calls are small anyway.
+    from threadpoolctl import threadpool_limits
+
+    _WORK["blas"] = threadpool_limits(1)
+
+
+def _clip(rows: tuple[tuple[int, int], ...] | None, r0: int, r1: int) -> list[tuple[int, int]]:
+    if rows is None:
+        return [(r0, r1)]
+    return [(max(a, r0), min(b, r1)) for a, b in rows if min(b, r1) > max(a, r0)]
+
+
+def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, int, int, int]:
+    """Sums |W_L|^2 and <W_L, W_L+1> over one row block of one segment."""
+    seg: Segment = _WORK["segments"][item[0]]
+    reader: Reader = _WORK["reader"]
+    _, r0, r1 = item
+    _, cols = grid(seg.shape)
+    n_layers = len(seg.layers)
+    norms = np.zeros((len(seg.parts), n_layers))
+    dots = np.zeros((len(seg.parts), max(n_layers - 1, 0)))
+    before = reader.bytes_mapped
+    # Per part: where its values sit in the block, and its current/previous buffers.
+    work = []
+    for part in seg.parts:
+        spans = _clip(part.rows, r0, r1)
+        c0, c1 = part.cols or (0, cols)
+        n = sum(b - a for a, b in spans) * (c1 - c0)
+        cur = np.zeros(padded(n), seg.work_dtype)
+        work.append([spans, c0, c1, cur, np.zeros_like(cur)])
+    for i, t in enumerate(seg.tensors):
+        block = reader.rows(t, r0, r1)
+        for p, w in enumerate(work):
+            spans, c0, c1, cur, prev = w
+            k = 0
+            for a, b in spans:
+                dst = cur[k : k + (b - a) * (c1 - c0)].reshape(b - a, c1 - c0)
+                np.copyto(dst, block[a - r0 : b - r0, c0:c1], casting="unsafe")
+                k += (b - a) * (c1 - c0)
+            norms[p, i] = rowdot(cur, cur)
+            if i:
+                dots[p, i - 1] = rowdot(prev, cur)
+            w[3], w[4] = prev, cur
+        del block
+        reader.release(t, r0, r1)
+    return item, norms, dots, reader.bytes_mapped - before, os.getpid(), _read_bytes()
+
+
+def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """Run every item and add up its sums per segment (in float64)."""
+    totals = [
+        (np.zeros((len(s.parts), len(s.layers))), np.zeros((len(s.parts), max(len(s.layers) - 1, 0))))
+        for s in plan.segments
+    ]
+    items = list(plan.items())
+    pool = None
+    if plan.jobs > 1:
+        pool = multiprocessing.get_context("fork").Pool(plan.jobs, _init_worker, (plan.segments,))
+        results = pool.imap_unordered(run_item, items, chunksize=1)
+    else:
+        _WORK.update(segments=plan.segments, reader=Reader())
+        _limit_blas()
+        results = map(run_item, items)
+    mapped = 0
+    read_by_pid: dict[int, int] = {}
+    try:
+        for item, norms, dots, nbytes, pid, read_bytes in results:
+            totals[item[0]][0][...] += norms
+            totals[item[0]][1][...] += dots
+            mapped += nbytes
+            read_by_pid[pid] = max(read_by_pid.get(pid, 0), read_bytes)
+            if progress:
+                progress(plan.item_bytes(item))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        else:
+            _WORK.pop("reader").close()
+    return totals, {"bytes_mapped": mapped, "read_bytes": sum(read_by_pid.values())}
+
+
+def _family_order(families: list[str]) -> list[str]:
+    seed = [f for f in SEED_FAMILIES if f in families]
+    return seed + sorted(set(families) - set(seed))
+
+
+def _pair_stats(cos: float) -> dict[str, Any]:
+    return {
+        "cos": cos,
+        "resid_norm": math.sqrt(max(2.0 - 2.0 * cos, 0.0)),
+        "scalar_fit": math.sqrt(max(1.0 - cos * cos, 0.0)),
+        "resid_eff_rank": None,
+        "resid_spec_entropy": None,
+    }
+
+
+def summary(cosines: list[float], entropies: list[float]) -> dict[str, Any]:
+    """The seed's per-family summary over adjacent pairs."""
+    cs = np.array(cosines, dtype=np.float64)
+    raw = float(np.sqrt(np.maximum(2.0 - 2.0 * cs, 0.0)).mean())
+    fit = float(np.sqrt(np.maximum(1.0 - cs**2, 0.0)).mean())
+    return {
+        "n_pairs": len(cosines),
+        "mean_cos": float(cs.mean()),
+        "median_cos": float(np.median(cs)),
+        "raw_resid": raw,
+        "scalar_fit": fit,
+        "improve_frac": (raw - fit) / max(raw, EPS),
+        "mean_SE": float(np.mean(entropies)) if entropies else None,
+    }
+
+
+def scale_pca(scales: dict[str, list[float | None]]) -> dict[str, Any]:
+    """PCA of the log scale track, as the seed does it, over complete families.
+
+    Families with a zero norm somewhere are left out (log 0 would poison it).
+    """
+    used = [f for f, v in scales.items() if v and all(x is not None and x > 0 for x in v)]
+    zero = [f for f, v in scales.items() if v and all(x is not None for x in v) and f not in used]
+    out: dict[str, Any] = {"fam_used": used, "left_out_zero_norm": zero}
+    if not used:
+        return out | {"singvals": [], "loadings": [], "scores": [], "explained": []}
+    m = np.log(np.array([scales[f] for f in used], dtype=np.float64))
+    u, s, vh = np.linalg.svd(m - m.mean(axis=1, keepdims=True), full_matrices=False)
+    total = float((s**2).sum())
+    return out | {
+        "singvals": s.tolist(),
+        "loadings": u.tolist(),
+        "scores": (np.diag(s) @ vh).tolist(),
+        "explained": [float(x**2 / max(total, 1e-20)) for x in s],
+    }
+
+
+def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    norm: dict[str, dict[int, float]] = {}
+    cos: dict[str, dict[int, float]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    skipped = [s for s in plan.skipped if s["stack"] == name]
+    for seg, (n2, d) in zip(plan.segments, totals):
+        if seg.stack != name:
+            continue
+        for p, part in enumerate(seg.parts):
+            fam = part.family
+            info.setdefault(fam, {"raw": seg.raw, "shape": list(seg.shape), "dtype": seg.tensors[0].dtype})
+            fn = np.sqrt(n2[p])
+            norm.setdefault(fam, {}).update(zip(seg.layers, fn.tolist()))
+            for i in range(len(seg.layers) - 1):
+                L, L_next = seg.layers[i], seg.layers[i + 1]
+                if fn[i] < EPS or fn[i + 1] < EPS:
+                    skipped.append({"stack": name, "family": fam, "L": L, "L_next": L_next, "reason": "zero norm"})
+                    continue
+                # sqrt of the product, not a product of sqrts: identical layers give exactly 1.
+                cos.setdefault(fam, {})[L] = float(d[p, i] / math.sqrt(n2[p, i] * n2[p, i + 1]))
+    layers = sorted({L for v in norm.values() for L in v})
+    fams = _family_order(list(norm))
+    pairs = [
+        {"L": L, "L_next": L + 1, "families": {f: _pair_stats(cos[f][L]) for f in fams if L in cos.get(f, {})}}
+        for L in layers
+        if L + 1 in layers
+    ]
+    scales = {f: [norm[f].get(L) for L in layers] for f in fams}
+    summaries = {
+        f: summary([pr["families"][f]["cos"] for pr in pairs if f in pr["families"]], [])
+        for f in fams
+        if any(f in pr["families"] for pr in pairs)
+    }
+    stack = layout.stacks[name]
+    return {
+        "layers": layers,
+        "families": {f: info[f] for f in fams},
+        "unmapped": [u for u in stack.unmapped if any(i["raw"] == u for i in info.values())],
+        "pairs": pairs,
+        "summary": summaries,
+        "scales": scales,
+        "pca": scale_pca(scales),
+        "skipped": skipped,
+    }
+
+
+def seed_view(stack: dict[str, Any]) -> dict[str, Any]:
+    """The seed script's JSON keys, holding exactly what the seed would: its families only."""
+    seed_pairs = [
+        {
+            "L": pr["L"],
+            "L_next": pr["L_next"],
+            "families": {
+                f: {k: pr["families"][f][k] for k in ("cos", "resid_norm", "resid_eff_rank", "resid_spec_entropy")}
+                for f in SEED_FAMILIES
+                if f in pr["families"]
+            },
+        }
+        for pr in stack["pairs"]
+    ]
+    scales = {f: stack["scales"].get(f, [None] * len(stack["layers"])) for f in SEED_FAMILIES}
+    pca = scale_pca(scales)
+    return {
+        "pair_results": seed_pairs,
+        "scales": scales,
+        "scale_pca_singvals": pca["singvals"],
+        "scale_pca_loadings": pca["loadings"],
+        "scale_pca_scores": pca["scores"],
+        "fam_used": pca["fam_used"],
+    }
+
+
+def scan(
+    layout: Layout,
+    options: ScanOptions,
+    progress: Callable[[int], None] | None = None,
+    plan: Plan | None = None,
+) -> dict[str, Any]:
+    """Plan, stream and summarise; returns the result document (without source)."""
+    plan = plan or plan_scan(layout, options)
+    started = time.perf_counter()
+    totals, io = execute(plan, progress)
+    stacks = {name: _stack_result(name, layout, plan, totals) for name in sorted({s.stack for s in plan.segments})}
+    main = layout.main_stack()
+    main_name = main.name if main and main.name in stacks else next(iter(stacks))
+    return {
+        "schema": SCHEMA,
+        "architecture": layout.arch,
+        "main_stack": main_name,
+        **seed_view(stacks[main_name]),
+        "stacks": stacks,
+        "settings": {
+            "max_memory": options.max_memory,
+            "jobs": plan.jobs,
+            "block_elements": plan.block,
+            "stacks": list(options.stacks),
+            "families": list(options.families),
+            "layers": list(options.layers) if options.layers else None,
+        },
+        "run": {
+            "seconds": time.perf_counter() - started,
+            "bytes_analysed": plan.bytes_total,
+            **io,
+        },
+    }

@@ -1,0 +1,124 @@
+"""MODEL argument -> the shard files to read (one resolver for every command).
+
+A MODEL is a local directory, a single `.safetensors` file, an index file, or a
+Hugging Face repo id looked up in the hub cache through huggingface_hub (so its
+cache layout and HF_HOME / HF_HUB_CACHE / HF_HUB_OFFLINE rules are the
+library's, not a copy of them). Nothing here writes anywhere, except
+huggingface_hub's own download of a repo that is not cached yet.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LayerdiffError
+
+# What a download fetches: the weights, their index and the config, nothing else.
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass
+class Source:
+    spec: str
+    kind: str  # "file", "dir", "hub"
+    root: Path
+    files: list[Path]
+    index_file: Path | None
+    config: dict[str, Any] | None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "kind": self.kind,
+            "root": str(self.root),
+            "index_file": str(self.index_file) if self.index_file else None,
+            "files": [str(f) for f in self.files],
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "commit": self.commit,
+        }
+
+
+def resolve(model: str, revision: str | None = None, cache_dir: str | None = None) -> Source:
+    """Find the safetensors weights a MODEL argument names."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise LayerdiffError(model, "--revision applies to hub repo ids, not to local paths")
+        return _local(model, path)
+    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+        raise LayerdiffError(model, "no such file or directory")
+    return _hub(model, revision, cache_dir)
+
+
+def _local(spec: str, path: Path, **hub: Any) -> Source:
+    if path.is_file():
+        if path.name.endswith(".safetensors.index.json"):
+            return Source(spec, "file", path.parent, [], path, _config(path.parent), **hub)
+        if path.suffix == ".safetensors":
+            return Source(spec, "file", path.parent, [path], None, _config(path.parent), **hub)
+        raise LayerdiffError(path, "not a .safetensors file, an index or a checkpoint directory")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        preferred = path / "model.safetensors.index.json"
+        if preferred not in indexes:
+            names = ", ".join(i.name for i in indexes)
+            raise LayerdiffError(path, f"several index files ({names}); name one of them")
+        indexes = [preferred]
+    kind = "hub" if hub else "dir"
+    if indexes:
+        return Source(spec, kind, path, [], indexes[0], _config(path), **hub)
+    weights = sorted(path.glob("*.safetensors"))
+    if (path / "model.safetensors").exists():
+        weights = [path / "model.safetensors"]
+    if len(weights) == 1:
+        return Source(spec, kind, path, weights, None, _config(path), **hub)
+    if weights:
+        raise LayerdiffError(path, f"{len(weights)} .safetensors files but no *.safetensors.index.json to join them")
+    raise LayerdiffError(path, "no .safetensors weights in this directory")
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    cfg = folder / "config.json"
+    if not cfg.exists():
+        return None
+    try:
+        doc = json.loads(cfg.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LayerdiffError(cfg, f"invalid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise LayerdiffError(cfg, "not a JSON object")
+    return doc
+
+
+def _hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Source:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    where = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=HUB_PATTERNS
+        )
+    except HFValidationError as e:
+        raise LayerdiffError(repo_id, f"not a path and not a valid repo id ({e})") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            cache = cache_dir or constants.HF_HUB_CACHE
+            raise LayerdiffError(where, f"not in the hub cache at {cache}, and HF_HUB_OFFLINE is set") from None
+        try:
+            folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+            cache = cache_dir or constants.HF_HUB_CACHE
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LayerdiffError(where, f"not in the hub cache at {cache} and not downloadable: {first}") from None
+    snapshot = Path(folder)
+    return _local(repo_id, snapshot, repo_id=repo_id, revision=revision or "main", commit=snapshot.name)

@@ -1,0 +1,103 @@
+"""Shared test helpers: real-format checkpoints and an independent float64 reference."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy for safetensors)
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+EXAMPLE = REPO / "layerdiff" / "example"
+
+
+def write_checkpoint(folder: Path, tensors: dict[str, np.ndarray], shards: int = 1, config: dict | None = None) -> Path:
+    """Write with safetensors' own writer; several shards get a hub-style index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for k in range(shards):
+            part = names[k::shards]
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in part}, str(folder / fname))
+            weight_map.update({n: fname for n in part})
+        total = sum(t.nbytes for t in tensors.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+        )
+    if config is not None:
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def load_all(folder: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def reference(tensors: dict[str, np.ndarray], stack: str = "model.layers") -> tuple[dict, dict]:
+    """Float64 over fully loaded tensors: norms[raw][L] and cos[raw][L] for (L, L+1)."""
+    norms: dict[str, dict[int, float]] = {}
+    cos: dict[str, dict[int, float]] = {}
+    by: dict[str, dict[int, np.ndarray]] = {}
+    prefix = stack + "."
+    for name, t in tensors.items():
+        if not name.startswith(prefix) or t.dtype.kind not in "fV" and t.dtype.name not in ("bfloat16",):
+            continue
+        layer, rest = name[len(prefix):].split(".", 1)
+        by.setdefault(rest, {})[int(layer)] = np.asarray(t).astype(np.float64)
+    for rest, layers in by.items():
+        for L, w in layers.items():
+            norms.setdefault(rest, {})[L] = float(np.sqrt((w * w).sum()))
+        for L, w in layers.items():
+            nxt = layers.get(L + 1)
+            if nxt is not None and nxt.shape == w.shape and norms[rest][L] > 1e-12 and norms[rest][L + 1] > 1e-12:
+                cos.setdefault(rest, {})[L] = float((w * nxt).sum() / (norms[rest][L] * norms[rest][L + 1]))
+    return norms, cos
+
+
+def qwen3_like(rng: np.random.Generator, layers: int = 4, hidden: int = 64, ff: int = 96, dtype: Any = ml_dtypes.bfloat16,
+               keep: float = 0.7) -> dict[str, np.ndarray]:
+    """Qwen3 names and shapes at toy size; adjacent layers correlated by `keep`."""
+    shapes = {
+        "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (hidden // 2, hidden),
+        "self_attn.v_proj.weight": (hidden // 2, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (ff, hidden), "mlp.up_proj.weight": (ff, hidden), "mlp.down_proj.weight": (hidden, ff),
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_norm.weight": (16,), "self_attn.k_norm.weight": (16,),
+    }
+    out, prev = {}, {}
+    for L in range(layers):
+        for rest, shape in shapes.items():
+            fresh = rng.standard_normal(shape)
+            if len(shape) == 1:
+                w = 1.0 + 0.1 * fresh
+            else:
+                w = fresh if L == 0 else keep * prev[rest] + math.sqrt(1 - keep**2) * fresh
+            prev[rest] = w
+            out[f"model.layers.{L}.{rest}"] = (0.02 * w if len(shape) == 2 else w).astype(dtype)
+    out["model.embed_tokens.weight"] = rng.standard_normal((32, hidden)).astype(dtype)
+    out["model.norm.weight"] = np.ones(hidden, dtype=dtype)
+    return out
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "layerdiff", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
