@@ -74,3 +74,15 @@ class Reader:
         for m in self._maps.values():
             m.close()
         self._maps.clear()
+
+
+def decode(block: np.ndarray, r0: int, spans: list[tuple[int, int]], c0: int, c1: int, out: np.ndarray) -> None:
+    """Copy the rows `spans` (absolute row numbers; `block` starts at row r0),
+    columns [c0, c1), of a raw block into the flat buffer `out`, converting to
+    out's dtype. Values land in row-major order; the rest of `out` is untouched."""
+    k = 0
+    width = c1 - c0
+    for a, b in spans:
+        dst = out[k : k + (b - a) * width].reshape(b - a, width)
+        np.copyto(dst, block[a - r0 : b - r0, c0:c1], casting="unsafe")
+        k += (b - a) * width

@@ -24,7 +24,7 @@ from .errors import LayerdiffError
 from .index import TensorIndex, TensorInfo
 from .kernel import padded, rowdot
 from .layout import SEED_FAMILIES, Layout, Member, grid
-from .reader import Reader
+from .reader import Reader, decode
 
 SCHEMA = "layerdiff.scan/1"
 MiB = 1 << 20
@@ -249,11 +249,7 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
         block = reader.rows(t, r0, r1)
         for p, w in enumerate(work):
             spans, c0, c1, cur, prev = w
-            k = 0
-            for a, b in spans:
-                dst = cur[k : k + (b - a) * (c1 - c0)].reshape(b - a, c1 - c0)
-                np.copyto(dst, block[a - r0 : b - r0, c0:c1], casting="unsafe")
-                k += (b - a) * (c1 - c0)
+            decode(block, r0, spans, c0, c1, cur)
             norms[p, i] = rowdot(cur, cur)
             if i:
                 dots[p, i - 1] = rowdot(prev, cur)
