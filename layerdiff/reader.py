@@ -27,6 +27,12 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 _PAGE = mmap.PAGESIZE
+MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it yet
+
+
+def _pages(lo: int, hi: int, size: int) -> tuple[int, int]:
+    """The whole pages covering bytes [lo, hi) of a mapping of `size` bytes."""
+    return lo // _PAGE * _PAGE, min(size, -(-hi // _PAGE) * _PAGE)
 
 
 class Reader:
@@ -35,6 +41,7 @@ class Reader:
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
         self.bytes_mapped = 0
+        self._populate = True
 
     def _map(self, path: Path) -> mmap.mmap:
         m = self._maps.get(path)
@@ -50,7 +57,15 @@ class Reader:
         start = t.start + r0 * cols * dtype.itemsize
         count = (r1 - r0) * cols
         self.bytes_mapped += count * dtype.itemsize
-        buf = np.frombuffer(self._map(t.file), dtype=dtype, count=count, offset=start)
+        m = self._map(t.file)
+        if self._populate:
+            # One syscall maps the block's pages, instead of a fault per 64 KB.
+            lo, hi = _pages(start, start + count * dtype.itemsize, len(m))
+            try:
+                m.madvise(MADV_POPULATE_READ, lo, hi - lo)
+            except OSError:  # kernels before 5.14
+                self._populate = False
+        buf = np.frombuffer(m, dtype=dtype, count=count, offset=start)
         return buf.reshape(r1 - r0, cols)
 
     def release(self, t: TensorInfo, r0: int, r1: int) -> None:
@@ -58,8 +73,7 @@ class Reader:
         _, cols = grid(t.shape)
         itemsize = NUMPY_DTYPES[t.dtype].itemsize
         m = self._map(t.file)
-        lo = (t.start + r0 * cols * itemsize) // _PAGE * _PAGE
-        hi = min(len(m), -(-(t.start + r1 * cols * itemsize) // _PAGE) * _PAGE)
+        lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m))
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
