@@ -86,7 +86,10 @@ class Reader:
 
     def close(self) -> None:
         for m in self._maps.values():
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view is still alive (e.g. after Ctrl-C): the GC unmaps it
+                pass
         self._maps.clear()
 
 

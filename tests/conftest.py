@@ -101,3 +101,22 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+def big_checkpoint(folder: Path, layers: int, rows: int, cols: int) -> Path:
+    """Layers of bf16 matrices; cheap to make (a tiled random block), not to scan."""
+    rng = np.random.default_rng(7)
+    tile = rng.standard_normal((64, cols)).astype(ml_dtypes.bfloat16)
+    base = np.tile(tile, (rows // 64, 1))
+    for L in range(layers):
+        mats = {f"model.layers.{L}.mlp.{name}.weight": np.roll(base, 5 * L + k, axis=1) for k, name in enumerate(("up_proj", "down_proj"))}
+        write_checkpoint(folder / f"part{L}", mats)
+    # One index over the per-layer files, as the hub writes for sharded checkpoints.
+    weight_map = {}
+    for L in range(layers):
+        shard = folder / f"model-{L:05d}.safetensors"
+        (folder / f"part{L}" / "model.safetensors").rename(shard)
+        (folder / f"part{L}").rmdir()
+        weight_map.update({f"model.layers.{L}.mlp.{n}.weight": shard.name for n in ("up_proj", "down_proj")})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
