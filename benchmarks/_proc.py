@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 MiB = 1 << 20
@@ -31,6 +30,27 @@ def parse_mem(s) -> int:
     if not m:
         raise ValueError(f"bad memory size {s!r} (e.g. 256M, 1G)")
     return int(float(m.group(1)) * 1024 ** {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[m.group(2)])
+
+
+_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def parse_params(s: str) -> int:
+    """'500M', '1B', '4.4B', '8B', '123456' -> int."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(s).upper())
+    if not m:
+        raise ValueError(f"bad parameter count {s!r} (e.g. 500M, 1B, 8B)")
+    return int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
+
+
+def parse_size(s: str) -> int:
+    """Hub-style size: '2GB' = 2e9, '2GiB' = 2*2**30, '500MB', '512MiB', plain int bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(s).upper())
+    if not m:
+        raise ValueError(f"bad size {s!r} (e.g. 2GB, 500MB, 1GiB)")
+    num, unit, binary = float(m.group(1)), m.group(2), bool(m.group(3))
+    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+    return int(num * (1024 if binary else 1000) ** powers)
 
 
 def fmt_mib(n) -> str:
@@ -121,30 +141,50 @@ class RunResult:
                                       # processes (child and its reaped descendants), not a sum
     ru_maxrss_children: int           # bytes, getrusage(RUSAGE_CHILDREN) after the run:
                                       # cumulative max over every child this process reaped
+    max_vmhwm: int                    # bytes, largest VmHWM seen in /proc of any process of
+                                      # the tree (a single process's own peak since its exec)
+    parent_hwm: int                   # bytes, VmHWM of *this* process when it spawned the child.
+                                      # Linux folds the pre-exec mm's high-water mark into the
+                                      # child's ru_maxrss (vfork/fork+exec), so ru_maxrss is
+                                      # never below about this value: a floor, not the child's.
     stdout: str | None = None
     stderr: str | None = None
+
+    @property
+    def ru_maxrss_polluted(self) -> bool:
+        """ru_maxrss is (probably) the parent's high-water mark, not the child's own."""
+        return self.ru_maxrss_child <= self.parent_hwm + 4 * MiB and \
+            self.ru_maxrss_child > self.max_vmhwm + 4 * MiB
+
+    def ru_maxrss_str(self) -> str:
+        s = fmt_mib(self.ru_maxrss_child)
+        return s + "*" if self.ru_maxrss_polluted else s
 
     def summary(self) -> str:
         return (f"rc={self.returncode} wall={self.wall:.2f}s "
                 f"peak_tree_rss={fmt_mib(self.peak_tree_rss)}MiB "
                 f"(anon {fmt_mib(self.peak_tree_anon)} / file {fmt_mib(self.peak_tree_file)}) "
-                f"ru_maxrss={fmt_mib(self.ru_maxrss_child)}MiB procs={self.max_procs} "
-                f"samples={self.samples}")
+                f"ru_maxrss={self.ru_maxrss_str()}MiB max_VmHWM={fmt_mib(self.max_vmhwm)}MiB "
+                f"procs={self.max_procs} samples={self.samples}")
 
 
 def run_measured(cmd, *, interval: float = 0.02, capture: bool = True, env=None, cwd=None,
-                 preexec_fn=None, timeout: float | None = None) -> RunResult:
+                 preexec_fn=None, timeout: float | None = None,
+                 discard_stdout: bool = False) -> RunResult:
     """Run cmd as a child; every `interval` s sum the RSS of the child and all its
     descendants from /proc.  With capture=True stdout/stderr are collected (through temp
-    files, so a chatty child cannot block on a full pipe); otherwise they pass through."""
+    files, so a chatty child cannot block on a full pipe); otherwise they pass through.
+    discard_stdout=True sends stdout to /dev/null (e.g. for `cat`)."""
     use_cf = _has_children_file()
+    me = proc_mem(os.getpid()) or {}
+    parent_hwm = me.get("VmHWM", 0)
     outf = tempfile.TemporaryFile() if capture else None
     errf = tempfile.TemporaryFile() if capture else None
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=outf, stderr=errf, env=env, cwd=cwd,
-                         preexec_fn=preexec_fn)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL if discard_stdout else outf,
+                         stderr=errf, env=env, cwd=cwd, preexec_fn=preexec_fn)
     peak = peak_anon = peak_file = max_anon = max_file = 0
-    max_procs = samples = 0
+    max_procs = samples = max_hwm = 0
     status = ru = None
     try:
         while True:
@@ -155,6 +195,7 @@ def run_measured(cmd, *, interval: float = 0.02, capture: bool = True, env=None,
                 if m is None:
                     continue
                 tot += m["VmRSS"]
+                max_hwm = max(max_hwm, m.get("VmHWM", 0))
                 anon += m.get("RssAnon", 0)
                 fil += m.get("RssFile", 0) + m.get("RssShmem", 0)
             samples += 1
@@ -189,7 +230,8 @@ def run_measured(cmd, *, interval: float = 0.02, capture: bool = True, env=None,
                      peak_tree_rss=peak, peak_tree_anon=peak_anon, peak_tree_file=peak_file,
                      max_tree_anon=max_anon, max_tree_file=max_file, max_procs=max_procs,
                      samples=samples, ru_maxrss_child=ru.ru_maxrss * 1024,
-                     ru_maxrss_children=children.ru_maxrss * 1024, stdout=out, stderr=err)
+                     ru_maxrss_children=children.ru_maxrss * 1024, max_vmhwm=max_hwm,
+                     parent_hwm=parent_hwm, stdout=out, stderr=err)
 
 
 # ----------------------------------------------------------------------------- page cache
@@ -415,6 +457,70 @@ def layerdiff_available() -> tuple[bool, str]:
     if r.returncode != 0:
         return False, (r.stderr.strip().splitlines() or ["?"])[-1]
     return True, ""
+
+
+def run_scan(model_dir, out_json, *, max_memory=None, jobs=None, extra=(), preexec_fn=None,
+             interval: float = 0.02):
+    """`layerdiff scan MODEL --out OUT --quiet [--max-memory M] [--jobs N]` as a measured
+    child.  Returns (RunResult, parsed result.json or None)."""
+    import json
+    if os.path.exists(out_json):
+        os.remove(out_json)
+    cmd = layerdiff_cmd() + ["scan", str(model_dir), "--out", str(out_json), "--quiet"]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    if jobs is not None:
+        cmd += ["--jobs", str(jobs)]
+    cmd += list(extra)
+    r = run_measured(cmd, preexec_fn=preexec_fn, interval=interval)
+    doc = None
+    if r.returncode == 0 and os.path.exists(out_json):
+        with open(out_json) as f:
+            doc = json.load(f)
+    return r, doc
+
+
+def checkpoint_dir(workdir, params: int, seed: int = 0) -> str:
+    """Shared naming, so memory_budget / throughput / capped_run reuse each other's files."""
+    return os.path.join(str(workdir), f"ck-{params / 1e9:g}B-seed{seed}")
+
+
+def ensure_checkpoint(out_dir, params: int, seed: int = 0, shard_size: int = 2 * 10**9,
+                      layers: int | None = None, quiet: bool = False) -> tuple[dict, bool]:
+    """Generate (or reuse) a synthetic checkpoint by running make_checkpoint.py as a child,
+    so that this process stays small (see RunResult.parent_hwm).  Returns (info, created),
+    info being synthetic_checkpoint.json."""
+    import json
+    marker = os.path.join(out_dir, "synthetic_checkpoint.json")
+
+    def snap():
+        try:
+            with open(marker) as f:
+                return f.read()
+        except OSError:
+            return None
+
+    before = snap()
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                        "make_checkpoint.py"),
+           "--out", str(out_dir), "--params", str(params), "--seed", str(seed),
+           "--shard-size", str(shard_size), "--reuse"]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
+    r = subprocess.run(cmd, stdout=subprocess.DEVNULL if quiet else None)
+    if r.returncode != 0:
+        raise RuntimeError(f"make_checkpoint.py failed (exit {r.returncode})")
+    after = snap()
+    return json.loads(after), not (before is not None and before == after)
+
+
+def fail_line(r: RunResult) -> str:
+    """Last non-empty stderr (or stdout) line of a failed run."""
+    for text in (r.stderr, r.stdout):
+        lines = [ln for ln in (text or "").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return f"exit status {r.returncode}"
 
 
 def shard_files(model_dir) -> list[str]:

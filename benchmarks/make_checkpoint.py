@@ -3,6 +3,12 @@
 
     python benchmarks/make_checkpoint.py --out /tmp/ck-1b --params 1B [--shard-size 2GB]
                                          [--seed 0] [--layers N] [--threads 2]
+                                         [--single-file] [--reuse]
+
+Files: model-0000K-of-0000N.safetensors (also when N = 1) + model.safetensors.index.json
+(metadata.total_size, weight_map), or one model.safetensors with --single-file; config.json
+(Qwen3ForCausalLM, model_type qwen3, tie_word_embeddings false, torch_dtype bfloat16);
+synthetic_checkpoint.json (parameters and timings, used by --reuse).
 
 Shapes and names are Qwen3-4B's (hidden 2560, intermediate 9728, 32 heads, 8 kv heads,
 head_dim 128, q_norm/k_norm of 128, layernorms of 2560).  ``--params`` is the number of
@@ -15,14 +21,14 @@ layers dominate.
 Contents: for each weight-matrix family there is one shared "base" matrix; layer L takes
 each group of 4 consecutive elements (one uint64 word of bf16 bits) from the base with
 probability p(fam, L) and otherwise from fresh per-layer noise, whose std also drifts
-with depth.  So cos(W_L, W_L+1) ~= p_L p_L+1 (roughly 0.3-0.95) and varies across depth,
-and the Frobenius norms vary too.  Values are ~N(0, 0.02) (noise std 0.015-0.027);
+with depth.  So cos(W_L, W_L+1) ~= p_L p_L+1 (p in 0.56-0.96; measured 0.2-0.94) and varies across
+depth, and the Frobenius norms vary too.  Values are ~N(0, 0.02) (noise std 0.013-0.030);
 layernorm weights are around 1.
 
 Speed: all randomness comes from pools built once per seed (normal bf16 bits, uniform
 bytes); tensors are assembled from slices of the pools at pseudo-random offsets with
-np.where in the uint64 domain, on 2 threads.  Same seed -> same bytes, independent of the
-shard size.  Written with safetensors.numpy.save_file, one call per shard.
+np.where in the uint64 domain, on 2 threads (numpy releases the GIL), while the previous
+shard is being written.  Same seed -> same bytes, independent of the shard size.  Written with safetensors.numpy.save_file, one call per shard.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ try:
 except ImportError:  # pragma: no cover
     sys.exit("make_checkpoint: needs ml_dtypes (pip install ml_dtypes)")
 from safetensors.numpy import save_file
+
+from _proc import parse_params, parse_size  # noqa: F401  (light helpers shared with the benchmarks)
 
 GENERATOR_VERSION = 1
 MARKER = "synthetic_checkpoint.json"
@@ -86,28 +94,6 @@ CHUNK = 256 << 10        # elements per chunk (multiple of 4)
 BASE_STD = 0.02
 NOISE_STD = [BASE_STD * 2.0 ** ((k - 3.5) / 6.0) for k in range(N_NOISE_SEG)]  # 0.0134-0.030
 MASK_POOL = 8 << 20      # uniform bytes, one per uint64 word
-
-
-# ----------------------------------------------------------------------------- parsing
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-
-
-def parse_params(s: str) -> int:
-    """'500M', '1B', '4.4B', '8B', '123456' -> int."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMBGT]?)\s*", str(s).upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad parameter count {s!r} (e.g. 500M, 1B, 8B)")
-    return int(round(float(m.group(1)) * _SUFFIX[m.group(2)]))
-
-
-def parse_size(s: str) -> int:
-    """Hub-style size: '2GB' = 2e9, '2GiB' = 2*2**30, '500MB', '512MiB', plain int bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*", str(s).upper())
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {s!r} (e.g. 2GB, 500MB, 1GiB)")
-    num, unit, binary = float(m.group(1)), m.group(2), bool(m.group(3))
-    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
-    return int(num * (1024 if binary else 1000) ** powers)
 
 
 # ----------------------------------------------------------------------------- layout

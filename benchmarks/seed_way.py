@@ -3,7 +3,7 @@
 
     python benchmarks/seed_way.py MODEL_DIR --out seed.json
 
-A faithful port of /work/shared/seed/null_residual_seed.py: loads the whole model with
+A faithful port of the seed script (shared/seed/null_residual_seed.py): loads the whole model with
 transformers (`AutoModelForCausalLM.from_pretrained(..., dtype=bfloat16, device_map="cpu")`),
 makes float32 numpy copies of every layer's weights, then runs exactly the seed's loops,
 prints the seed's tables and writes the seed's JSON keys (model, pair_results, scales,
@@ -18,7 +18,6 @@ RSS (VmHWM).  Needs torch and transformers.
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import time
 
@@ -30,8 +29,7 @@ try:
     from transformers import AutoModelForCausalLM
 except ImportError as _e:  # pragma: no cover
     sys.exit(f"seed_way.py needs torch and transformers ({_e}); "
-             "install them, e.g. pip install torch --index-url "
-             "https://download.pytorch.org/whl/cpu && pip install transformers")
+             "install them, e.g. pip install torch transformers (a CPU build of torch is enough)")
 
 
 def _dtype_kwarg():
