@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +21,15 @@ from .errors import LayerdiffError
 # Same ceiling as the safetensors reference implementation: a longer header is
 # refused before anything is allocated for it.
 MAX_HEADER_BYTES = 100_000_000
+# Largest dimension or byte count a real tensor can have (the reference uses 64-bit sizes).
+MAX_COUNT = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class DType:
     name: str
     itemsize: int
-    kind: str  # "float" (analysed), "int", "bool"
+    kind: str  # "float" (analysed), "int", "bool", "other" (valid, listed, never analysed)
 
 
 DTYPES: dict[str, DType] = {
@@ -47,6 +50,11 @@ DTYPES: dict[str, DType] = {
         DType("BF16", 2, "float"),
         DType("F32", 4, "float"),
         DType("F64", 8, "float"),
+        # Also written by safetensors >= 0.5; accepted so a checkpoint holding them still opens.
+        DType("F8_E4M3FNUZ", 1, "other"),
+        DType("F8_E5M2FNUZ", 1, "other"),
+        DType("F8_E8M0", 1, "other"),
+        DType("C64", 8, "other"),
     )
 }
 
@@ -80,13 +88,41 @@ class Shard:
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+class _Object(dict):
+    """A JSON object that remembers its first repeated key (json keeps the last silently)."""
+
+    duplicate: str | None = None
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object:
+    out = _Object()
     for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate tensor name {key!r}")
+        if key in out and out.duplicate is None:
+            out.duplicate = key
         out[key] = value
     return out
+
+
+def _short(x: Any, limit: int = 60) -> str:
+    """repr() cut to one short line: messages quote hostile values, never megabytes of them."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _parse_json(path: Path, raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
+    except UnicodeDecodeError:
+        raise LayerdiffError(path, f"{what} is not UTF-8 text") from None
+    except RecursionError:
+        raise LayerdiffError(path, f"{what} is JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, and ints past Python's digit limit
+        raise LayerdiffError(path, f"{what} is not valid JSON: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _is_count(x: Any) -> bool:
@@ -96,8 +132,8 @@ def _is_count(x: Any) -> bool:
 def read_header(path: Path) -> Shard:
     """Parse and validate one shard's header; touch no tensor bytes."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise LayerdiffError(path, f"file of {size} bytes is too small for a safetensors header")
@@ -113,19 +149,26 @@ def read_header(path: Path) -> Shard:
         raise LayerdiffError(path, "is a directory, not a safetensors file") from None
     except PermissionError:
         raise LayerdiffError(path, "permission denied") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except UnicodeDecodeError:
-        raise LayerdiffError(path, "header is not UTF-8 text") from None
-    except ValueError as e:  # JSONDecodeError and duplicate names
-        raise LayerdiffError(path, f"invalid JSON header: {e}") from None
+    except OSError as e:
+        raise LayerdiffError(path, f"cannot read: {e.strerror or _first_line(e)}") from None
+    if len(raw) != n:
+        raise LayerdiffError(path, f"header length {n} runs past the end of the file (it shrank while being read)")
+    header = _parse_json(path, raw, "header")
     if not isinstance(header, dict):
-        raise LayerdiffError(path, "header is not a JSON object")
+        raise LayerdiffError(path, f"header is not a JSON object (got {type(header).__name__})")
+    if header.duplicate == "__metadata__":
+        raise LayerdiffError(path, "__metadata__ given twice in the header")
+    if header.duplicate is not None:
+        raise LayerdiffError(path, f"duplicate tensor name {_short(header.duplicate)} in the header")
     data_start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # the reference implementation accepts null
+        metadata = _Object()
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise LayerdiffError(path, "__metadata__ must map strings to strings")
-    shard = Shard(path, size, data_start, metadata)
+    if metadata.duplicate is not None:
+        raise LayerdiffError(path, f"__metadata__ has the key {_short(metadata.duplicate)} twice")
+    shard = Shard(path, size, data_start, dict(metadata))
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         shard.tensors[name] = info = _tensor(path, name, entry, data_start, size)
@@ -134,31 +177,62 @@ def read_header(path: Path) -> Shard:
     reach, owner = 0, ""
     for start, end, name in spans:
         if start < reach and end > start:
-            raise LayerdiffError(path, f"tensors {owner!r} and {name!r} overlap")
+            raise LayerdiffError(
+                path,
+                f"tensors {_short(owner)} and {_short(name)} overlap "
+                f"(data bytes {start - data_start}..{min(end, reach) - data_start} are claimed by both)",
+            )
         if end > reach:
             reach, owner = end, name
     return shard
 
 
+def _nbytes(shape: list[int], itemsize: int) -> int | None:
+    """Byte size of a tensor, or None if a dimension or the product of the non-zero ones passes 2**63-1.
+
+    Stops at the first overflow, so a header of millions of dimensions costs linear time.
+    """
+    size = itemsize
+    for d in shape:
+        if d > MAX_COUNT:
+            return None
+        if d:
+            size *= d
+            if size > MAX_COUNT:
+                return None
+    return 0 if 0 in shape else size
+
+
 def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
-    where = f"tensor {name!r}"
+    where = f"tensor {_short(name)}"
     if not isinstance(entry, dict):
-        raise LayerdiffError(path, f"{where}: entry is not a JSON object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPES:
-        raise LayerdiffError(path, f"{where}: unknown dtype {dtype!r}")
+        raise LayerdiffError(path, f"{where}: entry is not a JSON object (got {_short(entry)})")
+    if entry.duplicate is not None:
+        raise LayerdiffError(path, f"{where}: key {_short(entry.duplicate)} given twice")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise LayerdiffError(path, f"{where}: no {key!r} key")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise LayerdiffError(path, f"{where}: unknown dtype {_short(dtype)}")
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise LayerdiffError(path, f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise LayerdiffError(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise LayerdiffError(path, f"{where}: data_offsets must be two non-negative integers, got {offsets!r}")
+        raise LayerdiffError(path, f"{where}: data_offsets must be two non-negative integers, got {_short(offsets)}")
+    expected = _nbytes(shape, DTYPES[dtype].itemsize)
+    if expected is None:
+        raise LayerdiffError(path, f"{where}: shape {_short(shape)} is too large to exist")
     begin, end = offsets
     if begin > end:
-        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] are in the wrong order")
-    expected = math.prod(shape) * DTYPES[dtype].itemsize
+        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] are in the wrong order (begin > end)")
     if end - begin != expected:
-        raise LayerdiffError(path, f"{where}: shape {shape} of {dtype} needs {expected} bytes but data_offsets span {end - begin}")
+        raise LayerdiffError(
+            path, f"{where}: shape {_short(shape)} of {dtype} needs {expected} bytes but data_offsets span {end - begin}"
+        )
     if data_start + end > size:
-        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)")
+        raise LayerdiffError(
+            path, f"{where}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)"
+        )
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
 
 
@@ -203,15 +277,24 @@ def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex
 
 def read_weight_map(index_file: Path) -> dict[str, str]:
     try:
-        doc = json.loads(index_file.read_text(encoding="utf-8"))
+        raw = index_file.read_bytes()
     except FileNotFoundError:
         raise LayerdiffError(index_file, "no such file") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LayerdiffError(index_file, f"invalid JSON: {e}") from None
+    except IsADirectoryError:
+        raise LayerdiffError(index_file, "is a directory, not an index file") from None
+    except OSError as e:
+        raise LayerdiffError(index_file, f"cannot read: {e.strerror or _first_line(e)}") from None
+    doc = _parse_json(index_file, raw, "index")
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise LayerdiffError(index_file, "no weight_map mapping tensor names to shard files")
-    for shard_name in set(wm.values()):
+    if not wm:
+        raise LayerdiffError(index_file, "weight_map is empty: it names no tensors")
+    if wm.duplicate is not None:
+        raise LayerdiffError(index_file, f"weight_map lists {_short(wm.duplicate)} twice")
+    for shard_name in sorted(set(wm.values())):
         if Path(shard_name).name != shard_name or not shard_name.endswith(".safetensors"):
-            raise LayerdiffError(index_file, f"weight_map names {shard_name!r}, not a .safetensors file beside the index")
-    return wm
+            raise LayerdiffError(
+                index_file, f"weight_map names {_short(shard_name)}, not a .safetensors file beside the index"
+            )
+    return dict(wm)

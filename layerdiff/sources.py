@@ -50,11 +50,14 @@ class Source:
 def resolve(model: str, revision: str | None = None, cache_dir: str | None = None) -> Source:
     """Find the safetensors weights a MODEL argument names."""
     path = Path(model).expanduser()
-    if path.exists():
-        if revision is not None:
-            raise LayerdiffError(model, "--revision applies to hub repo ids, not to local paths")
-        return _local(model, path)
-    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")):
+    try:
+        if path.exists():
+            if revision is not None:
+                raise LayerdiffError(model, "--revision applies to hub repo ids, not to local paths")
+            return _local(model, path)
+    except OSError as e:  # a name too long, a directory we may not list...
+        raise LayerdiffError(e.filename or model, f"cannot read: {e.strerror or _first_line(e)}") from None
+    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".json")):
         raise LayerdiffError(model, "no such file or directory")
     return _hub(model, revision, cache_dir)
 
@@ -92,33 +95,73 @@ def _config(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         doc = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LayerdiffError(cfg, f"invalid JSON: {e}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise LayerdiffError(cfg, f"not valid JSON: {_first_line(e)}") from None
+    except OSError as e:
+        raise LayerdiffError(cfg, f"cannot read: {e.strerror or _first_line(e)}") from None
     if not isinstance(doc, dict):
         raise LayerdiffError(cfg, "not a JSON object")
     return doc
 
 
+def _check_revision(repo_id: str, revision: str) -> None:
+    # Git refuses these in ref names too; huggingface_hub would join them into a path under refs/.
+    bad = not revision or revision.startswith(("/", "-")) or ".." in revision or "\\" in revision or "//" in revision
+    if bad or any(c.isspace() or ord(c) < 32 or c in "~^:?*[" for c in revision) or revision.endswith(("/", ".lock")):
+        raise LayerdiffError(repo_id, f"--revision {revision!r} is not a branch, tag or commit name")
+
+
 def _hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Source:
     from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
 
-    where = f"{repo_id}@{revision}" if revision else repo_id
+    if revision is not None:
+        _check_revision(repo_id, revision)
+    cache = str(cache_dir or constants.HF_HUB_CACHE)
     try:
         folder = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=HUB_PATTERNS
         )
     except HFValidationError as e:
-        raise LayerdiffError(repo_id, f"not a path and not a valid repo id ({e})") from None
+        raise LayerdiffError(repo_id, f"not a path and not a valid repo id ({_first_line(e)})") from None
+    except IncompleteSnapshotError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise LayerdiffError(repo_id, f"the cached snapshot at {e.snapshot_path} is incomplete (files are missing), "
+                                          "and HF_HUB_OFFLINE is set") from None
+        folder = _download(repo_id, revision, cache_dir, cache)
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
-            cache = cache_dir or constants.HF_HUB_CACHE
-            raise LayerdiffError(where, f"not in the hub cache at {cache}, and HF_HUB_OFFLINE is set") from None
-        try:
-            folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-            cache = cache_dir or constants.HF_HUB_CACHE
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LayerdiffError(where, f"not in the hub cache at {cache} and not downloadable: {first}") from None
+            what = f"revision {revision!r} is " if revision else ""
+            raise LayerdiffError(repo_id, f"{what}not in the hub cache at {cache}"
+                                          f"{_cached_refs(cache, repo_id)}, and HF_HUB_OFFLINE is set") from None
+        folder = _download(repo_id, revision, cache_dir, cache)
+    except OSError as e:
+        raise LayerdiffError(repo_id, f"cannot read the hub cache at {cache}: {_first_line(e)}") from None
     snapshot = Path(folder)
     return _local(repo_id, snapshot, repo_id=repo_id, revision=revision or "main", commit=snapshot.name)
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: str | None, cache: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
+        where = f"{repo_id}@{revision}" if revision else repo_id
+        raise LayerdiffError(where, f"not in the hub cache at {cache} and not downloadable: {_first_line(e)}") from None
+
+
+def _cached_refs(cache: str, repo_id: str) -> str:
+    """' (cached revisions: main, v1)' when the repo is cached, but not at the revision asked for."""
+    refs = Path(cache) / ("models--" + repo_id.replace("/", "--")) / "refs"
+    try:
+        names = sorted(p.relative_to(refs).as_posix() for p in refs.rglob("*") if p.is_file())
+    except OSError:
+        return ""
+    return f" (cached revisions: {', '.join(names)})" if names else ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

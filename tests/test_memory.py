@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+
+import pytest
 from conftest import big_checkpoint
 
 MiB = 1 << 20
@@ -38,17 +40,18 @@ def peak_tree_rss(cmd: list[str]) -> tuple[int, subprocess.CompletedProcess]:
     return peak, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def test_scan_of_a_checkpoint_4x_the_budget_stays_under_it(tmp_path):
-    budget = 160 * MiB
+@pytest.mark.parametrize("budget_mib, jobs", [(160, 2), (64, 1)])
+def test_scan_of_a_checkpoint_4x_the_budget_stays_under_it(tmp_path, budget_mib, jobs):
+    budget = budget_mib * MiB
     ckpt = big_checkpoint(tmp_path / "ckpt", layers=10, rows=4096, cols=4096)  # 640 MiB
     size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     assert size > 4 * budget
     out = tmp_path / "r.json"
-    peak, proc = peak_tree_rss([sys.executable, "-m", "layerdiff", "scan", str(ckpt), "--max-memory", "160M",
-                                "--jobs", "2", "--quiet", "--out", str(out)])
+    peak, proc = peak_tree_rss([sys.executable, "-m", "layerdiff", "scan", str(ckpt), "--max-memory", f"{budget_mib}M",
+                                "--jobs", str(jobs), "--quiet", "--out", str(out)])
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["settings"]["jobs"] == 2
+    assert result["settings"]["jobs"] == jobs
     assert result["run"]["bytes_mapped"] == result["run"]["bytes_analysed"] == size - sum(
         8 + int.from_bytes(f.read_bytes()[:8], "little") for f in ckpt.glob("*.safetensors"))
     assert 0 < peak < budget, f"peak tree RSS {peak / MiB:.1f} MiB over the {budget / MiB:.0f} MiB budget"
