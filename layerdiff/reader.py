@@ -30,9 +30,15 @@ _PAGE = mmap.PAGESIZE
 MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it yet
 
 
-def _pages(lo: int, hi: int, size: int) -> tuple[int, int]:
-    """The whole pages covering bytes [lo, hi) of a mapping of `size` bytes."""
-    return lo // _PAGE * _PAGE, min(size, -(-hi // _PAGE) * _PAGE)
+# The page cache may map a file in 2 MiB folios: releasing only the 4 KiB pages
+# of a block leaves the folios at its edges mapped, and those pile up across a
+# model. Released neighbours are mapped again from the page cache if needed.
+_RELEASE = 2 << 20
+
+
+def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
+    """Bytes [lo, hi) of a mapping of `size` bytes, widened to whole `unit`s."""
+    return lo // unit * unit, min(size, -(-hi // unit) * unit)
 
 
 class Reader:
@@ -73,7 +79,7 @@ class Reader:
         _, cols = grid(t.shape)
         itemsize = NUMPY_DTYPES[t.dtype].itemsize
         m = self._map(t.file)
-        lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m))
+        lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m), _RELEASE)
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
@@ -93,13 +99,63 @@ class Reader:
         self._maps.clear()
 
 
-def decode(block: np.ndarray, r0: int, spans: list[tuple[int, int]], c0: int, c1: int, out: np.ndarray) -> None:
+def decode(
+    block: np.ndarray,
+    r0: int,
+    spans: list[tuple[int, int]],
+    c0: int,
+    c1: int,
+    out: np.ndarray,
+    scale: np.ndarray | None = None,
+    scale_block: tuple[int, int] = (1, 1),
+    scale_r0: int = 0,
+) -> None:
     """Copy the rows `spans` (absolute row numbers; `block` starts at row r0),
     columns [c0, c1), of a raw block into the flat buffer `out`, converting to
-    out's dtype. Values land in row-major order; the rest of `out` is untouched."""
+    out's dtype. Values land in row-major order; the rest of `out` is untouched.
+
+    With `scale` (rows of a scale grid from block row `scale_r0` on, see
+    `scale_rows`), each value is multiplied by the scale of its
+    `scale_block`-sized block: the dequantised value."""
     k = 0
     width = c1 - c0
     for a, b in spans:
         dst = out[k : k + (b - a) * width].reshape(b - a, width)
         np.copyto(dst, block[a - r0 : b - r0, c0:c1], casting="unsafe")
+        if scale is not None:
+            dequantise(dst, a, c0, c1, scale, scale_block, scale_r0)
         k += (b - a) * width
+
+
+def scale_rows(reader: Reader, scale: TensorInfo, scale_block: tuple[int, int], r0: int, r1: int) -> tuple[np.ndarray, int]:
+    """The rows of a scale grid covering weight rows [r0, r1), as float32, and
+    the block row the first of them belongs to."""
+    br = scale_block[0]
+    a, b = r0 // br, (r1 - 1) // br + 1
+    out = reader.rows(scale, a, b).astype(np.float32)
+    reader.release(scale, a, b)
+    return out, a
+
+
+def dequantise(
+    dst: np.ndarray, a: int, c0: int, c1: int, scale: np.ndarray, scale_block: tuple[int, int], scale_r0: int
+) -> None:
+    """Multiply `dst` (weight rows a.., columns [c0, c1)) in place by the scale of
+    each value's block. Works one band of rows sharing a scale row at a time,
+    with at most one row of expanded scales alive."""
+    br, bc = scale_block
+    n = dst.shape[0]
+    lo, hi = c0 // bc, (c1 - 1) // bc  # block columns touched
+    if br == 1 and lo == hi:  # per-row (per-channel) scales: one vectorised multiply
+        dst *= scale[a - scale_r0 : a - scale_r0 + n, lo : lo + 1]
+        return
+    i = 0
+    while i < n:
+        blk = (a + i) // br
+        j = min(n, (blk + 1) * br - a)
+        srow = scale[blk - scale_r0]
+        if lo == hi:
+            dst[i:j] *= srow[lo]
+        else:
+            dst[i:j] *= np.repeat(srow[lo : hi + 1], bc)[c0 - lo * bc : c1 - lo * bc]
+        i = j

@@ -23,8 +23,8 @@ import numpy as np
 from .errors import LayerdiffError
 from .index import TensorIndex, TensorInfo
 from .kernel import padded, rowdot
-from .layout import SEED_FAMILIES, Layout, Member, grid
-from .reader import Reader, decode
+from .layout import SEED_FAMILIES, Layout, Member, aggregate_raw, aggregate_sums, grid
+from .reader import Reader, decode, scale_rows
 
 SCHEMA = "layerdiff.scan/1"
 MiB = 1 << 20
@@ -55,6 +55,10 @@ class Segment:
     layers: tuple[int, ...]
     tensors: tuple[TensorInfo, ...]
     parts: tuple[Part, ...]
+    # Dequantisation: per layer the scale grid of its tensor (None: values as stored),
+    # each scale covering a scale_block (rows, cols) block of the tensor's grid.
+    scales: tuple[TensorInfo | None, ...] = ()
+    scale_block: tuple[int, int] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -72,6 +76,11 @@ class ScanOptions:
     stacks: tuple[str, ...] = ()
     families: tuple[str, ...] = ()
     layers: tuple[int, int] | None = None
+    # Residual spectra (layerdiff.rank): None (off), "exact" (Gram matrices; fail up
+    # front if they do not fit), "auto" (exact where it fits, else a sketch with
+    # guaranteed bounds), "sketch" (sketch everywhere). `sketch`: its columns (0: auto).
+    rank: str | None = None
+    sketch: int = 0
 
 
 @dataclass
@@ -150,9 +159,18 @@ def _segments(layout: Layout, options: ScanOptions) -> tuple[list[Segment], list
     for stack in layout.stacks.values():
         if options.stacks and stack.name not in options.stacks:
             continue
+        wanted = set(options.families)
+        for agg, members in stack.aggregates.items():  # an all-experts family needs its experts
+            if agg in wanted:
+                wanted.update(members)
+        for rest, refused in stack.refused.items():
+            if (not wanted or wanted & set(refused.families)) and (
+                not options.layers or any(options.layers[0] <= L < options.layers[1] for L in refused.layers)
+            ):
+                raise LayerdiffError(refused.example, refused.message)
         groups: dict[str, dict[str, list[Member]]] = {}
         for family, members in stack.families.items():
-            if options.families and family not in options.families:
+            if wanted and family not in wanted:
                 continue
             if options.layers:
                 a, b = options.layers
@@ -165,22 +183,28 @@ def _segments(layout: Layout, options: ScanOptions) -> tuple[list[Segment], list
 
 
 def _runs(stack: str, raw: str, fams: dict[str, list[Member]], skipped: list[dict[str, Any]]) -> Iterator[Segment]:
-    """Split one raw tensor's layers into runs of consecutive layers of one shape."""
-    by_layer: dict[int, list[Member]] = {}
-    for members in fams.values():
+    """Split one raw tensor's layers into runs of consecutive layers of one shape
+    (and one way of dequantising: the parts and scale blocks come from a run's first layer)."""
+    by_layer: dict[int, list[tuple[str, Member]]] = {}
+    for family, members in fams.items():
         for m in members:
-            by_layer.setdefault(m.layer, []).append(m)
-    run: list[tuple[int, list[Member]]] = []
+            by_layer.setdefault(m.layer, []).append((family, m))
+    run: list[tuple[int, list[tuple[str, Member]]]] = []
 
     def close() -> Iterator[Segment]:
         if run:
-            parts = tuple(Part(f, m.rows, m.cols) for f, m in zip(fams, run[0][1]))
-            yield Segment(stack, raw, tuple(L for L, _ in run), tuple(ms[0].tensor for _, ms in run), parts)
+            parts = tuple(Part(f, m.rows, m.cols) for f, m in run[0][1])
+            first = run[0][1][0][1]
+            yield Segment(stack, raw, tuple(L for L, _ in run), tuple(ms[0][1].tensor for _, ms in run), parts,
+                          tuple(ms[0][1].scale for _, ms in run), first.scale_block)
             run.clear()
+
+    def quant(m: Member) -> tuple[Any, ...]:
+        return (m.scale.shape if m.scale else None, m.scale_block, tuple((f, x.rows, x.cols) for f, x in by_layer[m.layer]))
 
     for layer in sorted(by_layer):
         ms = by_layer[layer]
-        t = ms[0].tensor
+        t = ms[0][1].tensor
         if not t.is_float:
             skipped.append({"stack": stack, "raw": raw, "layer": layer, "reason": f"{t.dtype} is not a floating-point dtype"})
             continue
@@ -191,10 +215,16 @@ def _runs(stack: str, raw: str, fams: dict[str, list[Member]], skipped: list[dic
             prev_layer, prev = run[-1]
             if prev_layer + 1 != layer:
                 yield from close()
-            elif prev[0].tensor.shape != t.shape:
+            elif prev[0][1].tensor.shape != t.shape:
                 skipped.append({
                     "stack": stack, "raw": raw, "L": prev_layer, "L_next": layer,
-                    "reason": f"shape changes from {list(prev[0].tensor.shape)} to {list(t.shape)}",
+                    "reason": f"shape changes from {list(prev[0][1].tensor.shape)} to {list(t.shape)}",
+                })
+                yield from close()
+            elif quant(prev[0][1]) != quant(ms[0][1]):
+                skipped.append({
+                    "stack": stack, "raw": raw, "L": prev_layer, "L_next": layer,
+                    "reason": "the split or the dequantisation scales change",
                 })
                 yield from close()
         run.append((layer, ms))
@@ -249,21 +279,26 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
     before = reader.bytes_mapped
     # Per part: where its values sit in the block, and its current/previous buffers.
     work = []
-    arena = _arena(seg.work_dtype, 2 * sum(padded(grid(seg.shape)[1] * (r1 - r0)) for _ in seg.parts))
-    used = 0
+    shares = []
     for part in seg.parts:
         spans = _clip(part.rows, r0, r1)
         c0, c1 = part.cols or (0, cols)
-        n = sum(b - a for a, b in spans) * (c1 - c0)
+        shares.append((spans, c0, c1, sum(b - a for a, b in spans) * (c1 - c0)))
+    # The parts of a fused tensor share the block: buffers for their shares, not a block each.
+    arena = _arena(seg.work_dtype, 2 * sum(padded(n) for *_, n in shares))
+    used = 0
+    for spans, c0, c1, n in shares:
         pair = arena[used : used + 2 * padded(n)].reshape(2, padded(n))
         pair[:, n:] = 0  # the padding must not add to any sum
         used += 2 * padded(n)
         work.append([spans, c0, c1, pair[0], pair[1]])
     for i, t in enumerate(seg.tensors):
         block = reader.rows(t, r0, r1)
+        scale = seg.scales[i] if seg.scales else None
+        sgrid, sr0 = scale_rows(reader, scale, seg.scale_block, r0, r1) if scale is not None else (None, 0)
         for p, w in enumerate(work):
             spans, c0, c1, cur, prev = w
-            decode(block, r0, spans, c0, c1, cur)
+            decode(block, r0, spans, c0, c1, cur, sgrid, seg.scale_block or (1, 1), sr0)
             norms[p, i] = rowdot(cur, cur)
             if i:
                 dots[p, i - 1] = rowdot(prev, cur)
@@ -312,18 +347,22 @@ def _family_order(families: list[str]) -> list[str]:
     return seed + sorted(set(families) - set(seed))
 
 
-def _pair_stats(cos: float) -> dict[str, Any]:
-    return {
+def _pair_stats(cos: float, rank: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = {
         "cos": cos,
         "resid_norm": math.sqrt(max(2.0 - 2.0 * cos, 0.0)),
         "scalar_fit": math.sqrt(max(1.0 - cos * cos, 0.0)),
         "resid_eff_rank": None,
         "resid_spec_entropy": None,
+        "resid_stable_rank": None,
     }
+    if rank:  # layerdiff.rank's numbers, and its bounds or note when it has them
+        out.update(rank)
+    return out
 
 
-def summary(cosines: list[float], entropies: list[float]) -> dict[str, Any]:
-    """The seed's per-family summary over adjacent pairs."""
+def summary(cosines: list[float], entropies: list[float], eff_ranks: list[float] | None = None) -> dict[str, Any]:
+    """The seed's per-family summary over adjacent pairs (and the mean effective rank)."""
     cs = np.array(cosines, dtype=np.float64)
     raw = float(np.sqrt(np.maximum(2.0 - 2.0 * cs, 0.0)).mean())
     fit = float(np.sqrt(np.maximum(1.0 - cs**2, 0.0)).mean())
@@ -335,6 +374,7 @@ def summary(cosines: list[float], entropies: list[float]) -> dict[str, Any]:
         "scalar_fit": fit,
         "improve_frac": (raw - fit) / max(raw, EPS),
         "mean_SE": float(np.mean(entropies)) if entropies else None,
+        "mean_eff_rank": float(np.mean(eff_ranks)) if eff_ranks else None,
     }
 
 
@@ -359,17 +399,23 @@ def scale_pca(scales: dict[str, list[float | None]]) -> dict[str, Any]:
     }
 
 
-def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.ndarray, np.ndarray]],
+                  ranks: dict[tuple[int, int, int], dict[str, Any]] | None = None) -> dict[str, Any]:
     norm: dict[str, dict[int, float]] = {}
     cos: dict[str, dict[int, float]] = {}
+    spec: dict[str, dict[int, dict[str, Any]]] = {}  # residual spectra, from layerdiff.rank
     info: dict[str, dict[str, Any]] = {}
     skipped = [s for s in plan.skipped if s["stack"] == name]
-    for seg, (n2, d) in zip(plan.segments, totals):
+    sq: dict[str, dict[int, float]] = {}  # raw sums, for the all-experts families
+    dt: dict[str, dict[int, float]] = {}
+    for si, (seg, (n2, d)) in enumerate(zip(plan.segments, totals)):
         if seg.stack != name:
             continue
         for p, part in enumerate(seg.parts):
             fam = part.family
             info.setdefault(fam, {"raw": seg.raw, "shape": list(seg.shape), "dtype": seg.tensors[0].dtype})
+            sq.setdefault(fam, {}).update(zip(seg.layers, n2[p].tolist()))
+            dt.setdefault(fam, {}).update(zip(seg.layers[:-1], d[p].tolist()))
             fn = np.sqrt(n2[p])
             norm.setdefault(fam, {}).update(zip(seg.layers, fn.tolist()))
             for i in range(len(seg.layers) - 1):
@@ -379,16 +425,35 @@ def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.n
                     continue
                 # sqrt of the product, not a product of sqrts: identical layers give exactly 1.
                 cos.setdefault(fam, {})[L] = float(d[p, i] / math.sqrt(n2[p, i] * n2[p, i + 1]))
+                if ranks and (si, p, i) in ranks:
+                    spec.setdefault(fam, {})[L] = ranks[(si, p, i)]
+    for agg, members in layout.stacks[name].aggregates.items():
+        if not all(f in sq for f in members):  # some experts not analysed (selection)
+            continue
+        a2, ad = aggregate_sums(members, sq, dt)
+        first = info[members[0]]
+        info[agg] = {"raw": aggregate_raw(layout.stacks[name], agg), "shape": first["shape"],
+                     "dtype": first["dtype"], "experts": len(members)}
+        norm[agg] = {L: math.sqrt(v) for L, v in sorted(a2.items())}
+        for L, v in sorted(ad.items()):
+            if norm[agg][L] < EPS or norm[agg][L + 1] < EPS:
+                skipped.append({"stack": name, "family": agg, "L": L, "L_next": L + 1, "reason": "zero norm"})
+                continue
+            cos.setdefault(agg, {})[L] = float(v / math.sqrt(a2[L] * a2[L + 1]))
     layers = sorted({L for v in norm.values() for L in v})
     fams = _family_order(list(norm))
     pairs = [
-        {"L": L, "L_next": L + 1, "families": {f: _pair_stats(cos[f][L]) for f in fams if L in cos.get(f, {})}}
+        {"L": L, "L_next": L + 1, "families": {f: _pair_stats(cos[f][L], spec.get(f, {}).get(L)) for f in fams if L in cos.get(f, {})}}
         for L in layers
         if L + 1 in layers
     ]
     scales = {f: [norm[f].get(L) for L in layers] for f in fams}
     summaries = {
-        f: summary([pr["families"][f]["cos"] for pr in pairs if f in pr["families"]], [])
+        f: summary(
+            [pr["families"][f]["cos"] for pr in pairs if f in pr["families"]],
+            [v for pr in pairs if f in pr["families"] and (v := pr["families"][f]["resid_spec_entropy"]) is not None],
+            [v for pr in pairs if f in pr["families"] and (v := pr["families"][f]["resid_eff_rank"]) is not None],
+        )
         for f in fams
         if any(f in pr["families"] for pr in pairs)
     }
@@ -436,12 +501,31 @@ def scan(
     options: ScanOptions,
     progress: Callable[[int], None] | None = None,
     plan: Plan | None = None,
+    rank_plan: Any = None,
 ) -> dict[str, Any]:
     """Plan, stream and summarise; returns the result document (without source)."""
     plan = plan or plan_scan(layout, options)
     started = time.perf_counter()
-    totals, io = execute(plan, progress)
-    stacks = {name: _stack_result(name, layout, plan, totals) for name in sorted({s.stack for s in plan.segments})}
+    ranks: dict[tuple[int, int, int], dict[str, Any]] | None = None
+    rank_settings: dict[str, Any] | None = None
+    if options.rank:
+        # 2-D families: one pair-major pass gives norms, cosines and spectra (each
+        # tensor read twice); the rest (1-D) takes the chain pass. Planned up front.
+        from .rank import describe, plan_rank, run_rank
+
+        rplan = rank_plan or plan_rank(plan, options)
+        done = rplan.segments
+        rest = [s for i, s in enumerate(plan.segments) if i not in done]
+        part_totals, io = execute(Plan(rest, plan.skipped, plan.jobs, plan.block), progress) if rest else ([], {
+            "bytes_mapped": 0, "read_bytes": 0})
+        rank_totals, ranks, rank_io = run_rank(plan, rplan, progress)
+        it = iter(part_totals)
+        totals = [rank_totals[i] if i in done else next(it) for i in range(len(plan.segments))]
+        io = io | rank_io
+        rank_settings = describe(rplan)
+    else:
+        totals, io = execute(plan, progress)
+    stacks = {name: _stack_result(name, layout, plan, totals, ranks) for name in sorted({s.stack for s in plan.segments})}
     main = layout.main_stack()
     main_name = main.name if main and main.name in stacks else next(iter(stacks))
     return {
@@ -457,6 +541,7 @@ def scan(
             "stacks": list(options.stacks),
             "families": list(options.families),
             "layers": list(options.layers) if options.layers else None,
+            "rank": rank_settings,
         },
         "run": {
             "seconds": time.perf_counter() - started,
