@@ -236,8 +236,27 @@ def _runs(stack: str, raw: str, fams: dict[str, list[Member]], skipped: list[dic
 _WORK: dict[str, Any] = {}
 
 
+def start_pool(jobs: int, init: Callable[..., None], args: tuple[Any, ...]) -> Any:
+    """Fork `jobs` workers that leave Ctrl-C to the parent.
+
+    SIGINT is blocked while forking, so a Ctrl-C at that moment cannot reach a
+    worker before it ignores the signal (a traceback per worker); the parent
+    gets it as soon as the workers exist.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return multiprocessing.get_context("fork").Pool(jobs, _start_worker, (init, args))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _start_worker(init: Callable[..., None], args: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    init(*args)
+
+
 def _init_worker(segments: list[Segment]) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _WORK["segments"] = segments
     _WORK["reader"] = Reader()
     _limit_blas()
@@ -317,7 +336,7 @@ def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[
     items = list(plan.items())
     pool = None
     if plan.jobs > 1:
-        pool = multiprocessing.get_context("fork").Pool(plan.jobs, _init_worker, (plan.segments,))
+        pool = start_pool(plan.jobs, _init_worker, (plan.segments,))
         results = pool.imap_unordered(run_item, items, chunksize=1)
     else:
         _WORK.update(segments=plan.segments, reader=Reader())
