@@ -62,6 +62,27 @@ def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("model")(fn)
 
 
+def rank_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+                      help="Also plot the trajectories across depth to this .png or .svg (needs layerdiff[plot]).")(fn)
+    fn = click.option("--sketch", type=click.IntRange(min=0), default=0,
+                      help="Columns of the --rank-approx sketch (default: up to 512, as memory allows).")(fn)
+    fn = click.option("--rank-approx", is_flag=True,
+                      help="Like --rank, but families whose Gram matrices exceed --max-memory get a sketch "
+                           "with guaranteed error bounds instead of an error.")(fn)
+    return click.option("--rank", is_flag=True,
+                        help="Also the spectrum of each residual: spectral entropy, effective and stable rank "
+                             "(exact; reads each 2-D tensor twice).")(fn)
+
+
+def rank_mode(rank: bool, rank_approx: bool, sketch: int) -> str | None:
+    if rank_approx:
+        return "auto"
+    if sketch:
+        raise click.UsageError("--sketch applies to --rank-approx")
+    return "exact" if rank else None
+
+
 def _open(model: str, revision: str | None, cache_dir: str | None) -> tuple[Any, Any, Any]:
     from .index import load_index
     from .layout import build_layout
@@ -126,21 +147,25 @@ def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bo
 @click.option("--layers", help="Only layers A..B-1, as A:B.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@rank_options
 @clean_errors
 def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | None, max_memory: str,
-         stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool) -> None:
+         stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool,
+         rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """The null test: cosine, residual and scale track of adjacent layers."""
-    from .scan import ScanOptions
-
-    options = ScanOptions(parse_size(max_memory), jobs, stacks, families, parse_layers(layers) if layers else None)
+    memory, layer_range = parse_size(max_memory), parse_layers(layers) if layers else None
     source, _, layout = _open(model, revision, cache_dir)
-    _run_scan(source, layout, options, out, quiet)
+    from .scan import ScanOptions  # numpy and friends only once the input has passed validation
+
+    options = ScanOptions(memory, jobs, stacks, families, layer_range, rank_mode(rank, rank_approx, sketch), sketch)
+    _run_scan(source, layout, options, out, quiet, plot)
 
 
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
+@rank_options
 @clean_errors
-def example(out: Path | None) -> None:
+def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """Scan the small Qwen3-shaped checkpoint that ships with layerdiff."""
     from .layout import build_layout
     from .index import load_index
@@ -150,10 +175,30 @@ def example(out: Path | None) -> None:
     folder = Path(str(resources.files("layerdiff") / "example"))
     source = resolve(str(folder))
     layout = build_layout(load_index(source.files, source.index_file), source.config)
-    _run_scan(source, layout, ScanOptions(), out, quiet=False)
+    _run_scan(source, layout, ScanOptions(rank=rank_mode(rank, rank_approx, sketch), sketch=sketch), out,
+              quiet=False, plot=plot)
 
 
-def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: bool) -> None:
+@main.command()
+@click.argument("result", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Image to write: .png or .svg.")
+@click.option("--stack", help="Stack to plot (default: the result's main stack).")
+@clean_errors
+def plot(result: Path, out: Path, stack: str | None) -> None:
+    """Plot a scan result: cosines, residual rank and scale track across depth."""
+    from .plot import check_plot_path, plot_result
+
+    check_plot_path(out)
+    try:
+        doc = json.loads(result.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LayerdiffError(result, f"not a scan result (invalid JSON: {e})") from None
+    plot_result(doc, out, stack)
+    click.echo(f"Saved: {out}")
+
+
+def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
     from tqdm import tqdm
 
     from .report import scan_text
@@ -161,11 +206,22 @@ def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: b
 
     if out is not None:
         check_output_path(out, source)
+    if plot is not None:
+        from .plot import check_plot_path
+
+        check_plot_path(plot)  # the format, and matplotlib there, before a long scan
+        check_output_path(plot, source)
     plan = plan_scan(layout, options)
+    total, rplan = plan.bytes_total, None
+    if options.rank:
+        from .rank import plan_rank
+
+        rplan = plan_rank(plan, options)  # fails here, before any reading, if it cannot fit
+        total = rplan.total_bytes(plan)
     tqdm.monitor_interval = 0  # no monitor thread: workers are forked
-    with tqdm(total=plan.bytes_total, unit="B", unit_scale=True, unit_divisor=1024, desc="scan",
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="scan",
               file=sys.stderr, disable=quiet or not sys.stderr.isatty(), leave=False) as bar:
-        result = scan(layout, options, bar.update, plan)
+        result = scan(layout, options, bar.update, plan, rplan)
     result = {"model": source.spec, "source": source.describe(), **result}
     if not quiet:
         click.echo(scan_text(result))
@@ -173,3 +229,9 @@ def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: b
         write_json_atomic(out, result)
         if not quiet:
             click.echo(f"\nSaved: {out}")
+    if plot is not None:
+        from .plot import plot_result
+
+        plot_result(result, plot)
+        if not quiet:
+            click.echo(f"Saved: {plot}")
