@@ -60,9 +60,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,6 +70,7 @@ import numpy as np
 from .errors import LayerdiffError
 from .layout import grid
 from .reader import NUMPY_DTYPES, Reader, decode, scale_rows
+from .scan import start_pool
 
 MiB = 1 << 20
 SPEC_EPS = 1e-12  # the seed's clip of p in spec_entropy
@@ -639,7 +638,6 @@ _RW: dict[str, Any] = {}
 def _init_worker(segments: list[Any], tasks: list[RankTask]) -> None:
     from threadpoolctl import threadpool_limits
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     _RW.update(segments=segments, tasks=tasks, reader=Reader(), blas=threadpool_limits(1))
 
 
@@ -673,7 +671,7 @@ def run_rank(plan: Any, rp: RankPlan, progress: Callable[[int], None] | None = N
         decoded += res.nbytes
 
     if rp.pooled:
-        pool = multiprocessing.get_context("fork").Pool(rp.jobs, _init_worker, (plan.segments, rp.tasks))
+        pool = start_pool(rp.jobs, _init_worker, (plan.segments, rp.tasks))
         try:
             for i, res in pool.imap_unordered(_pool_run, rp.pooled, chunksize=1):
                 collect(i, res)

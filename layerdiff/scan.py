@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import LayerdiffError
-from .index import TensorIndex, TensorInfo
+from .index import TensorInfo
 from .kernel import padded, rowdot
 from .layout import SEED_FAMILIES, Layout, Member, aggregate_raw, aggregate_sums, grid
 from .reader import Reader, decode, scale_rows
