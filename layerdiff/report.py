@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .index import TensorIndex
@@ -25,17 +26,31 @@ def _grid_table(rows: list[int], families: list[str], value: Any, sign: str) -> 
     return lines
 
 
+_EXPERT = re.compile(r"^(?P<pre>.*)experts\.\d+\.(?P<post>.+)$")
+
+
+def _shown(families: list[str]) -> list[str]:
+    """The families a text table shows: an all-experts family stands for its
+    experts (hundreds of columns otherwise); every one of them is in the JSON."""
+    known = set(families)
+    return [f for f in families if not ((m := _EXPERT.match(f)) and f"{m['pre']}experts.{m['post']}" in known)]
+
+
 def stack_tables(st: dict[str, Any]) -> list[str]:
     pairs = {pr["L"]: pr["families"] for pr in st["pairs"]}
-    paired = [f for f in st["families"] if any(f in p for p in pairs.values())]
+    paired = _shown([f for f in st["families"] if any(f in p for p in pairs.values())])
     out = ["", "=== Adjacent-layer raw cos-sim per family ===",
            "  null interpretation: 1.0 = identical matrices up to scale, 0 = orthogonal", ""]
     out += _grid_table(list(pairs), paired, lambda L, f: pairs[L].get(f, {}).get("cos"), "+")
+    hidden = len(st["families"]) - len(_shown(list(st["families"])))
+    if hidden:
+        out.append(f"  ({hidden} per-expert families are in the JSON; the tables show experts.* over all experts)")
     out += ["", "=== Per-family summary (across all adjacent pairs) ===",
             "  random baseline = sqrt(2) ≈ 1.414 (what we'd see with no relationship)", "",
             f"  {'family':>14} {'mean_cos':>10} {'median_cos':>11} {'raw_resid':>10} "
             f"{'scalar_fit':>11} {'improve_frac':>13} {'mean_SE':>8}"]
-    for f, s in st["summary"].items():
+    for f in _shown(list(st["summary"])):
+        s = st["summary"][f]
         out.append(
             f"  {f:>14} {s['mean_cos']:>+10.4f} {s['median_cos']:>+11.4f} {s['raw_resid']:>10.4f} "
             f"{s['scalar_fit']:>11.4f} {s['improve_frac']:>13.4f} {s['mean_SE'] or 0:>8.4f}"
@@ -43,7 +58,7 @@ def stack_tables(st: dict[str, Any]) -> list[str]:
     out += _rank_tables(st, pairs)
     idx = {L: i for i, L in enumerate(st["layers"])}
     out += ["", "=== Scale track: ||W_family||_F across layers ==="]
-    out += _grid_table(st["layers"], list(st["scales"]), lambda L, f: st["scales"][f][idx[L]], "")
+    out += _grid_table(st["layers"], _shown(list(st["scales"])), lambda L, f: st["scales"][f][idx[L]], "")
     pca = st["pca"]
     out += ["", "=== PCA of log-scale-track (dimensionality of schedule) ===", "  explained variance by mode:"]
     for i, share in enumerate(pca["explained"]):
@@ -56,7 +71,7 @@ def stack_tables(st: dict[str, Any]) -> list[str]:
 
 def _rank_tables(st: dict[str, Any], pairs: dict[int, dict[str, Any]]) -> list[str]:
     """The residual spectra (scan --rank), when there are any."""
-    ranked = [f for f in st["families"] if any(p.get(f, {}).get("resid_eff_rank") is not None for p in pairs.values())]
+    ranked = _shown([f for f in st["families"] if any(p.get(f, {}).get("resid_eff_rank") is not None for p in pairs.values())])
     if not ranked:
         return []
     out = ["", "=== Residual spectrum: effective rank exp(H) per family (--rank) ===",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import signal
@@ -65,3 +66,16 @@ def test_ctrl_c_stops_cleanly_and_writes_nothing(ckpt, tmp_path, jobs):
     assert "layerdiff: interrupted; nothing written" in err
     assert "Traceback" not in err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_tables_show_all_experts_families_and_the_json_every_expert(tmp_path):
+    from conftest import FIXTURES, run_cli
+
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(FIXTURES / "hf" / "qwen3_moe"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.strip().startswith("L ") and "q_proj" in line)
+    assert "experts.gate_proj" in header.split() and "experts.0.gate_proj" not in proc.stdout
+    assert "12 per-expert families are in the JSON" in proc.stdout
+    families = json.loads(out.read_text())["stacks"]["model.layers"]["families"]
+    assert {f"experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")} <= set(families)
