@@ -12,9 +12,10 @@ import json
 import math
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import LayerdiffError
 
@@ -129,9 +130,24 @@ def _is_count(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """OS errors while reading `path` -> one-line LayerdiffErrors."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise LayerdiffError(path, "no such file") from None
+    except IsADirectoryError:
+        raise LayerdiffError(path, f"is a directory, not {what}") from None
+    except PermissionError:
+        raise LayerdiffError(path, "permission denied") from None
+    except OSError as e:
+        raise LayerdiffError(path, f"cannot read: {e.strerror or _first_line(e)}") from None
+
+
 def read_header(path: Path) -> Shard:
     """Parse and validate one shard's header; touch no tensor bytes."""
-    try:
+    with _reading(path, "a safetensors file"):
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(8)
@@ -143,14 +159,6 @@ def read_header(path: Path) -> Shard:
             if 8 + n > size:
                 raise LayerdiffError(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
             raw = f.read(n)
-    except FileNotFoundError:
-        raise LayerdiffError(path, "no such file") from None
-    except IsADirectoryError:
-        raise LayerdiffError(path, "is a directory, not a safetensors file") from None
-    except PermissionError:
-        raise LayerdiffError(path, "permission denied") from None
-    except OSError as e:
-        raise LayerdiffError(path, f"cannot read: {e.strerror or _first_line(e)}") from None
     if len(raw) != n:
         raise LayerdiffError(path, f"header length {n} runs past the end of the file (it shrank while being read)")
     header = _parse_json(path, raw, "header")
@@ -276,14 +284,8 @@ def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex
 
 
 def read_weight_map(index_file: Path) -> dict[str, str]:
-    try:
+    with _reading(index_file, "an index file"):
         raw = index_file.read_bytes()
-    except FileNotFoundError:
-        raise LayerdiffError(index_file, "no such file") from None
-    except IsADirectoryError:
-        raise LayerdiffError(index_file, "is a directory, not an index file") from None
-    except OSError as e:
-        raise LayerdiffError(index_file, f"cannot read: {e.strerror or _first_line(e)}") from None
     doc = _parse_json(index_file, raw, "index")
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
