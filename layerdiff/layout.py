@@ -766,19 +766,6 @@ def _stack_arch(stack: str, rests: set[str], config: dict[str, Any] | None) -> A
     return best if best is not None and hits[best.name] else None
 
 
-def detect_arch(config: dict[str, Any] | None, index: TensorIndex) -> Arch | None:
-    """The table for the main stack (the config's model_type decides; without one, names do)."""
-    by_stack: dict[str, set[str]] = {}
-    for name in index.tensors:
-        m = _LAYER_NAME.match(name)
-        if m:
-            by_stack.setdefault(m.group("stack"), set()).add(m.group("rest"))
-    if not by_stack:
-        return None
-    main = _main_name({s: len(r) for s, r in by_stack.items()})
-    return _stack_arch(main, by_stack[main], config)
-
-
 # --- building the layout --------------------------------------------------------------
 
 

@@ -91,16 +91,8 @@ BASE_GROWTH = 12 * MiB
 # --- spectra -> numbers --------------------------------------------------------
 
 
-def seed_spec_entropy(singvals: np.ndarray, eps: float = SPEC_EPS) -> float:
-    """The seed script's `spec_entropy`, verbatim."""
-    p = singvals**2
-    p = p / max(p.sum(), eps)
-    p = np.clip(p, eps, 1.0)
-    return float(-(p * np.log(p)).sum())
-
-
 def _mass_entropy(mass: np.ndarray) -> float:
-    """`seed_spec_entropy` from squared singular values (eigenvalues of D^T D)."""
+    """The seed's `spec_entropy`, from squared singular values (eigenvalues of D^T D)."""
     p = mass / max(float(mass.sum()), SPEC_EPS)
     p = np.clip(p, SPEC_EPS, 1.0)
     return float(-(p * np.log(p)).sum())

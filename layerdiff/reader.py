@@ -83,13 +83,6 @@ class Reader:
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
-    def whole(self, t: TensorInfo) -> np.ndarray:
-        """A small tensor (e.g. a block-scale grid) copied out as float32."""
-        rows, _ = grid(t.shape)
-        out = self.rows(t, 0, rows).astype(np.float32)
-        self.release(t, 0, rows)
-        return out
-
     def close(self) -> None:
         for m in self._maps.values():
             try:
