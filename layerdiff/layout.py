@@ -29,6 +29,12 @@ SEED_FAMILIES = (
     "input_ln", "post_attn_ln", "q_norm", "k_norm",
 )
 
+def family_order(families: list[str]) -> list[str]:
+    """Reports list the seed's families first, in its order, then the rest by name."""
+    seed = [f for f in SEED_FAMILIES if f in families]
+    return seed + sorted(set(families) - set(seed))
+
+
 _LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 
 # Formats read (the values analysed are these, times any scale that comes with them).

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 from .index import TensorIndex
-from .layout import Layout, aggregate_raw, grid
+from .layout import Layout, aggregate_raw, family_order, grid
 from .sources import Source
 
 
@@ -148,7 +148,8 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
     stacks = {}
     for name, st in layout.stacks.items():
         fams = {}
-        for fam, members in st.families.items():
+        for fam in family_order(list(st.families)):
+            members = st.families[fam]
             t = members[0].tensor
             n, nbytes = _share(members)
             raw = st.raw[fam]

@@ -23,7 +23,7 @@ import numpy as np
 from .errors import LayerdiffError
 from .index import TensorInfo
 from .kernel import padded, rowdot
-from .layout import SEED_FAMILIES, Layout, Member, aggregate_raw, aggregate_sums, grid
+from .layout import SEED_FAMILIES, Layout, Member, aggregate_raw, aggregate_sums, family_order, grid
 from .reader import Reader, decode, scale_rows
 
 SCHEMA = "layerdiff.scan/1"
@@ -361,11 +361,6 @@ def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[
     return totals, {"bytes_mapped": mapped, "read_bytes": sum(read_by_pid.values())}
 
 
-def _family_order(families: list[str]) -> list[str]:
-    seed = [f for f in SEED_FAMILIES if f in families]
-    return seed + sorted(set(families) - set(seed))
-
-
 def _pair_stats(cos: float, rank: dict[str, Any] | None = None) -> dict[str, Any]:
     out = {
         "cos": cos,
@@ -460,7 +455,7 @@ def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.n
                 continue
             cos.setdefault(agg, {})[L] = float(v / math.sqrt(a2[L] * a2[L + 1]))
     layers = sorted({L for v in norm.values() for L in v})
-    fams = _family_order(list(norm))
+    fams = family_order(list(norm))
     pairs = [
         {"L": L, "L_next": L + 1, "families": {f: _pair_stats(cos[f][L], spec.get(f, {}).get(L)) for f in fams if L in cos.get(f, {})}}
         for L in layers
