@@ -153,7 +153,23 @@ def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
     return Plan(segments, skipped, jobs, min(MAX_BLOCK, block))
 
 
+def _check_selection(layout: Layout, options: ScanOptions) -> None:
+    """A --stack or --family that names nothing is a typo: say what there is."""
+    for name in options.stacks:
+        if name not in layout.stacks:
+            raise LayerdiffError("--stack", f"no stack {name!r} here; stacks: {', '.join(layout.stacks)}")
+    stacks = [st for st in layout.stacks.values() if not options.stacks or st.name in options.stacks]
+    known = {f for st in stacks for f in (*st.families, *st.aggregates, *st.raw.values())}
+    for name in options.families:
+        if name not in known:
+            listed = family_order([f for st in stacks for f in (*st.families, *st.aggregates) if "experts." not in f
+                                   or f in st.aggregates])
+            more = f" (and {len(listed) - 24} more)" if len(listed) > 24 else ""
+            raise LayerdiffError("--family", f"no family {name!r} here; families: {', '.join(listed[:24])}{more}")
+
+
 def _segments(layout: Layout, options: ScanOptions) -> tuple[list[Segment], list[dict[str, Any]]]:
+    _check_selection(layout, options)
     segments: list[Segment] = []
     skipped: list[dict[str, Any]] = []
     for stack in layout.stacks.values():
@@ -170,7 +186,7 @@ def _segments(layout: Layout, options: ScanOptions) -> tuple[list[Segment], list
                 raise LayerdiffError(refused.example, refused.message)
         groups: dict[str, dict[str, list[Member]]] = {}
         for family, members in stack.families.items():
-            if wanted and family not in wanted:
+            if wanted and family not in wanted and stack.raw[family] not in wanted:  # canonical or raw name
                 continue
             if options.layers:
                 a, b = options.layers

@@ -204,3 +204,21 @@ def test_cli_refuses_to_write_into_the_checkpoint(tmp_path, rng):
     proc = run_cli("scan", str(ckpt), "--out", str(ckpt / "r.json"))
     assert proc.returncode == 1 and "refusing to write into the checkpoint" in proc.stderr
     assert not (ckpt / "r.json").exists()
+
+
+def test_selection_by_raw_name_takes_every_part_of_a_fused_tensor():
+    from conftest import FIXTURES
+
+    result = run_scan(FIXTURES / "hf" / "gpt2", families=("attn.c_attn.weight",))
+    assert list(result["stacks"]["transformer.h"]["families"]) == ["q_proj", "k_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--family", "qproj"], "layerdiff: error: --family: no family 'qproj' here; families: q_proj, k_proj"),
+    (["--stack", "model.layer"], "layerdiff: error: --stack: no stack 'model.layer' here; stacks: model.layers"),
+])
+def test_cli_unknown_selection_lists_what_there_is(tmp_path, rng, args, message):
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=2))
+    proc = run_cli("scan", str(ckpt), *args, "--out", str(tmp_path / "r.json"))
+    assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
