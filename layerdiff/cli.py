@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from . import __version__
+from . import SCHEMA, __version__
 from .errors import LayerdiffError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
@@ -194,7 +194,12 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
         doc = json.loads(result.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise LayerdiffError(result, f"not a scan result (invalid JSON: {e})") from None
-    plot_result(doc, out, stack)
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise LayerdiffError(result, f"not a layerdiff scan result (no \"schema\": \"{SCHEMA}\")")
+    try:
+        plot_result(doc, out, stack)
+    except (KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
+        raise LayerdiffError(result, f"not a valid scan result ({type(e).__name__}: {e})") from None
     click.echo(f"Saved: {out}")
 
 

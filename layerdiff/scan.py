@@ -20,13 +20,13 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import SCHEMA
 from .errors import LayerdiffError
 from .index import TensorInfo
 from .kernel import padded, rowdot
 from .layout import SEED_FAMILIES, Layout, Member, aggregate_raw, aggregate_sums, family_order, grid
 from .reader import Reader, decode, scale_rows
 
-SCHEMA = "layerdiff.scan/1"
 MiB = 1 << 20
 # Largest block (elements per layer): bigger blocks fall out of the 2 MB L2
 # cache and decode more slowly, smaller ones pay per-call overhead.

@@ -168,3 +168,19 @@ def test_many_experts_give_way_to_their_aggregate():
     assert "experts.gate_proj" in labels and "router" in labels
     assert not any(lbl.startswith("experts.0.") for lbl in labels)
     assert labels[-1].startswith("(+12 more families")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[1, 2]", 'not a layerdiff scan result (no "schema": "layerdiff.scan/1")'),
+    ('{"model": "m", "pair_results": []}', 'not a layerdiff scan result (no "schema": "layerdiff.scan/1")'),
+    ('{"schema": "layerdiff.scan/1", "stacks": {"s": {"families": 3}}}', "not a valid scan result"),
+    ("{", "not a scan result (invalid JSON"),
+])
+def test_cli_plot_of_something_else_is_a_clean_error(tmp_path, text, problem):
+    pytest.importorskip("matplotlib")
+    bad = tmp_path / "r.json"
+    bad.write_text(text)
+    proc = run_cli("plot", str(bad), "-o", str(tmp_path / "p.png"))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"layerdiff: error: {bad}: {problem}"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.png").exists()
