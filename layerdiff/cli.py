@@ -143,7 +143,7 @@ def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bo
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
 @click.option("--max-memory", default="256M", show_default=True, help="Peak resident memory of all processes.")
 @click.option("--stack", "stacks", multiple=True, help="Only this stack (repeatable).")
-@click.option("--family", "families", multiple=True, help="Only this family (repeatable).")
+@click.option("--family", "families", multiple=True, help="Only this family, canonical or raw name (repeatable).")
 @click.option("--layers", help="Only layers A..B-1, as A:B.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
