@@ -198,7 +198,7 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
         raise LayerdiffError(result, f"not a layerdiff scan result (no \"schema\": \"{SCHEMA}\")")
     try:
         plot_result(doc, out, stack)
-    except (KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
         raise LayerdiffError(result, f"not a valid scan result ({type(e).__name__}: {e})") from None
     click.echo(f"Saved: {out}")
 
@@ -233,13 +233,13 @@ def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: b
     result = {"model": source.spec, "source": source.describe(), **result}
     if not quiet:
         click.echo(scan_text(result))
-    if out is not None:
-        write_json_atomic(out, result)
-        if not quiet:
-            click.echo(f"\nSaved: {out}")
-    if plot is not None:
+    if plot is not None:  # first: if plotting fails, no JSON is left behind either
         from .plot import plot_result
 
         plot_result(result, plot)
-        if not quiet:
-            click.echo(f"Saved: {plot}")
+    if out is not None:
+        write_json_atomic(out, result)
+    if not quiet:
+        for saved in (out, plot):
+            if saved is not None:
+                click.echo(f"Saved: {saved}")

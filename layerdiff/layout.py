@@ -29,13 +29,18 @@ SEED_FAMILIES = (
     "input_ln", "post_attn_ln", "q_norm", "k_norm",
 )
 
+def _positive(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
 def family_order(families: list[str]) -> list[str]:
     """Reports list the seed's families first, in its order, then the rest by name."""
     seed = [f for f in SEED_FAMILIES if f in families]
     return seed + sorted(set(families) - set(seed))
 
 
-_LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+# A layer number: no leading zeros (".01." would collide with ".1."), at most 9 digits.
+_LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>0|[1-9]\d{0,8})\.(?P<rest>.+)$")
 
 # Formats read (the values analysed are these, times any scale that comes with them).
 READ_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
@@ -500,7 +505,7 @@ class Stack:
     name: str
     families: dict[str, list[Member]] = field(default_factory=dict)  # family -> members by layer
     raw: dict[str, str] = field(default_factory=dict)  # family -> raw family name
-    unmapped: list[str] = field(default_factory=list)
+    unmapped: dict[str, None] = field(default_factory=dict)  # raw names no table knows (an ordered set)
     arch: str | None = None
     aggregates: dict[str, list[str]] = field(default_factory=dict)  # all-experts family -> per-expert families
     splits: dict[str, str] = field(default_factory=dict)  # fused raw family -> how it is split
@@ -834,7 +839,7 @@ def build_layout(index: TensorIndex, config: dict[str, Any] | None = None) -> La
         main = _main_name({s: len(ls) for s, ls in grouped.items()})
         beyond = sorted(L for L in grouped[main] if n is not None and L >= n)
         if beyond and len(beyond) < len(grouped[main]):
-            extra = f"{main}[{'mtp' if (text_cfg.get('num_nextn_predict_layers') or 0) > 0 else 'extra'}]"
+            extra = f"{main}[{'mtp' if _positive(text_cfg.get('num_nextn_predict_layers')) else 'extra'}]"
             grouped[extra] = {L: grouped[main].pop(L) for L in beyond}
             notes.append(
                 f"layers {beyond[0]}..{beyond[-1]} of {main} are beyond num_hidden_layers={n}: "
@@ -948,8 +953,7 @@ def _build_stack(name: str, layers: dict[int, dict[str, TensorInfo]], arch: Arch
                     stack.notes.append(f"{rest} would also be {family} (taken by {owner[family]}): kept as raw")
                     family = rest
                     owner[family] = rest
-                    if rest not in stack.unmapped:
-                        stack.unmapped.append(rest)
+                    stack.unmapped[rest] = None
                 stack.raw[family] = rest
                 stack.families.setdefault(family, []).append(Member(L, info, rows, cols, scale, block))
                 if family not in aggregates:
@@ -1003,8 +1007,7 @@ def _families(stack: Stack, table: _Table | None, cfg: dict[str, Any], defaults:
         return hit
     found = table.lookup(rest) if table else None
     if found is None:
-        if rest not in stack.unmapped:
-            stack.unmapped.append(rest)
+        stack.unmapped[rest] = None
         out = [(rest, None, None)]
     elif isinstance(found[0], str):
         entry, expert = found
@@ -1016,8 +1019,7 @@ def _families(stack: Stack, table: _Table | None, cfg: dict[str, Any], defaults:
             stack.splits.setdefault(rest, describe_split(fused, info.shape, how))
         except _NoSplit as e:
             stack.notes.append(f"{rest} {list(info.shape)} not split: {e.args[0]}; analysed whole under its raw name")
-            if rest not in stack.unmapped:
-                stack.unmapped.append(rest)
+            stack.unmapped[rest] = None
             out = [(rest, None, None)]
     resolved[key] = out
     return out

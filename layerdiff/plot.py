@@ -10,6 +10,7 @@ and is imported only here, with the Agg canvas (no display, no pyplot state).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import re
@@ -24,21 +25,28 @@ _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggreg
 MAX_FAMILIES = 16  # more lines than this are unreadable: per-expert families give way to their aggregate
 
 
+MISSING = "matplotlib is not installed: pip install 'layerdiff[plot]'"
+
+
 def _require_matplotlib() -> Any:
     try:
         import matplotlib
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError:
-        raise LayerdiffError("plot", "matplotlib is not installed: pip install 'layerdiff[plot]'") from None
+        raise LayerdiffError("plot", MISSING) from None
     return matplotlib
 
 
-def check_plot_path(path: Path, source: Any = None) -> str:
-    """The image format from the suffix, and matplotlib present: checked before any scan."""
+def check_plot_path(path: Path) -> str:
+    """The image format from the suffix, and matplotlib present: checked before any scan.
+
+    Only looked up, not imported: an import here would grow the resident memory
+    the scan plans its budget from (and every forked worker's)."""
     fmt = FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise LayerdiffError(path, "the plot format comes from the file name: use a .png or .svg suffix")
-    _require_matplotlib()
+    if importlib.util.find_spec("matplotlib") is None:
+        raise LayerdiffError("plot", MISSING)
     parent = Path(path).resolve().parent
     if not parent.is_dir():
         raise LayerdiffError(path, "output directory does not exist")
@@ -181,6 +189,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     fig.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
     model = result.get("model") or (result.get("source") or {}).get("spec") or "model"
     arch = result.get("architecture")
+    model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
     fig.suptitle(f"{model} \u2014 stack {name} ({len(layers)} layers{', ' + arch if arch else ''})", fontsize=12)
     return fig
 
@@ -203,8 +212,7 @@ def plot_result(result: dict[str, Any], path: Path, stack: str | None = None) ->
     """Render `result` to `path` (.png or .svg), atomically (temp file + rename)."""
     path = Path(path)
     fmt = check_plot_path(path)
-    import matplotlib
-
+    matplotlib = _require_matplotlib()
     fig = make_figure(result, stack)
     fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -74,6 +73,7 @@ from .scan import start_pool
 
 MiB = 1 << 20
 SPEC_EPS = 1e-12  # the seed's clip of p in spec_entropy
+ROUNDING = 1e-8  # relative margin on the sketch's bounds for floating-point rounding
 # Decoded float64 bytes per layer block: large enough for efficient BLAS
 # (>= 256 rows of inner dimension), small next to the Grams.
 BLOCK_BYTES = 8 * MiB
@@ -153,10 +153,12 @@ def sketch_stats(mu: np.ndarray, total: float, d: int, k: int, slack: float) -> 
     if total <= 0.0:
         return exact_stats(np.zeros(1))
     h_lo, h_hi, top_lo, top_hi = entropy_bounds(mu, total, d, slack)
-    h_lo = max(h_lo, 0.0)
-    h_hi = min(h_hi, math.log(d) + d * SPEC_EPS * -math.log(SPEC_EPS))
+    # Widened by a rounding margin: the extremes are computed in floating point too.
+    h_lo = max(h_lo - ROUNDING * max(1.0, h_lo), 0.0)
+    h_hi = min(h_hi + ROUNDING * max(1.0, h_hi), math.log(d) + d * SPEC_EPS * -math.log(SPEC_EPS))
     mid = 0.5 * (h_lo + h_hi)
-    sr_lo, sr_hi = total / max(top_hi, 1e-300), total / max(top_lo, 1e-300)
+    sr_lo = total / max(top_hi, 1e-300) * (1 - ROUNDING)
+    sr_hi = total / max(top_lo, 1e-300) * (1 + ROUNDING)
     return {
         "resid_spec_entropy": mid,
         "resid_eff_rank": math.exp(mid),
@@ -414,19 +416,19 @@ def _fit_sketch(m: int, n: int, itemsize: int, room: int, wanted: int) -> int:
     return min(k, min(m, n))
 
 
-def plan_rank(plan: Any, options: Any, base: int | None = None) -> RankPlan:
+def plan_rank(plan: Any, options: Any) -> RankPlan:
     """Which families get a spectrum, how, and where, within --max-memory.
 
     Fails up front (LayerdiffError) when an exact spectrum cannot fit, saying
     what it needs and suggesting --rank-approx."""
-    from .scan import _rss_bytes
+    from .scan import _rss_bytes, usable_cpus
 
     mode = options.rank
     if mode not in ("exact", "auto", "sketch"):
         raise ValueError(f"ScanOptions.rank must be 'exact', 'auto' or 'sketch', not {mode!r}")
-    base = _rss_bytes() if base is None else base
-    cpus = os.cpu_count() or 1
-    jobs = options.jobs or cpus
+    base = _rss_bytes()
+    cpus = usable_cpus()
+    jobs = plan.jobs  # what the chain pass chose within the budget
     budget = options.max_memory
     fast = _blas_syrk() is not None
     solo_room = budget - base - BASE_GROWTH  # one task in this process, no workers alive
@@ -599,7 +601,7 @@ def run_task(task: RankTask, seg: Any, reader: Reader, threads: int = 1,
         if first:
             norms[i] = na
         norms[i + 1], dots[i] = nb, nab
-        if math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
+        if math.isfinite(na + nb + nab) and math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
             s = math.sqrt(nb / na)
             g = _combine(ps, p0, ata, s2, s, 1.0 / nb)
             del ata, ps  # only g (in ps's buffer) and p0 (the carry) stay alive
@@ -635,7 +637,8 @@ def _init_worker(segments: list[Any], tasks: list[RankTask]) -> None:
 
 def _pool_run(i: int) -> tuple[int, TaskResult]:
     task = _RW["tasks"][i]
-    return i, run_task(task, _RW["segments"][task.seg], _RW["reader"])
+    with np.errstate(all="ignore"):  # inf/NaN weights: reported, not warned about
+        return i, run_task(task, _RW["segments"][task.seg], _RW["reader"])
 
 
 def run_rank(plan: Any, rp: RankPlan, progress: Callable[[int], None] | None = None
@@ -677,7 +680,8 @@ def run_rank(plan: Any, rp: RankPlan, progress: Callable[[int], None] | None = N
         try:
             for i in rp.inproc:
                 t = rp.tasks[i]
-                collect(i, run_task(t, plan.segments[t.seg], reader, rp.threads, progress))
+                with np.errstate(all="ignore"):
+                    collect(i, run_task(t, plan.segments[t.seg], reader, rp.threads, progress))
         finally:
             reader.close()
     info = {

@@ -178,7 +178,7 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
             "splits": st.splits,
             "dequant": st.dequant,
             "transposed": st.transposed,
-            "unmapped": st.unmapped,
+            "unmapped": list(st.unmapped),
             "consumed": st.consumed,
             "refused": {r: {"format": x.format, "example": x.example, "layers": list(x.layers), "message": x.message}
                         for r, x in st.refused.items()},

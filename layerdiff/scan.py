@@ -37,6 +37,7 @@ MIN_BLOCK = 1 << 14
 # a temporary of the block.
 BYTES_PER_ELEMENT = 32
 EPS = 1e-12  # the seed's guard: a family with a smaller norm is skipped
+_NONFINITE = "inf or NaN values, or squares beyond float32 (left out of the scale track)"
 
 
 @dataclass(frozen=True)
@@ -126,12 +127,17 @@ def _read_bytes() -> int:
     return 0
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (affinity and cpusets, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
     """Choose segments, worker count and block size within the memory budget."""
     segments, skipped = _segments(layout, options)
     if not segments:
         raise LayerdiffError("scan", "nothing to analyse: no floating-point layer tensors match the selection")
-    jobs = options.jobs or os.cpu_count() or 1
+    jobs = options.jobs or usable_cpus()
     base = _rss_bytes()
     # A forked worker starts as a copy of this process's resident pages.
     while jobs > 1 and (options.max_memory - base * (jobs + 1)) // jobs < MIN_BLOCK * BYTES_PER_ELEMENT:
@@ -327,6 +333,15 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
         pair[:, n:] = 0  # the padding must not add to any sum
         used += 2 * padded(n)
         work.append([spans, c0, c1, pair[0], pair[1]])
+    # inf/NaN weights give inf/NaN sums, reported as such: no warnings on stderr.
+    with np.errstate(all="ignore"):
+        _chain(seg, reader, r0, r1, work, norms, dots)
+    return item, norms, dots, reader.bytes_mapped - before, os.getpid(), _read_bytes()
+
+
+def _chain(seg: Segment, reader: Reader, r0: int, r1: int, work: list[list[Any]], norms: np.ndarray,
+           dots: np.ndarray) -> None:
+    """Walk the layers of rows [r0, r1): decode each once, add its sums."""
     for i, t in enumerate(seg.tensors):
         block = reader.rows(t, r0, r1)
         scale = seg.scales[i] if seg.scales else None
@@ -340,7 +355,6 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
             w[3], w[4] = prev, cur
         del block
         reader.release(t, r0, r1)
-    return item, norms, dots, reader.bytes_mapped - before, os.getpid(), _read_bytes()
 
 
 def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
@@ -373,7 +387,10 @@ def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[
             pool.terminate()
             pool.join()
         else:
+            # In-process: leave nothing behind for a library caller (BLAS threads, buffers).
             _WORK.pop("reader").close()
+            _WORK.pop("blas").restore_original_limits()
+            _WORK.clear()
     return totals, {"bytes_mapped": mapped, "read_bytes": sum(read_by_pid.values())}
 
 
@@ -447,9 +464,15 @@ def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.n
             sq.setdefault(fam, {}).update(zip(seg.layers, n2[p].tolist()))
             dt.setdefault(fam, {}).update(zip(seg.layers[:-1], d[p].tolist()))
             fn = np.sqrt(n2[p])
-            norm.setdefault(fam, {}).update(zip(seg.layers, fn.tolist()))
+            finite = np.isfinite(fn)
+            norm.setdefault(fam, {}).update(
+                (L, v if ok else None) for L, v, ok in zip(seg.layers, fn.tolist(), finite.tolist())
+            )
             for i in range(len(seg.layers) - 1):
                 L, L_next = seg.layers[i], seg.layers[i + 1]
+                if not (finite[i] and finite[i + 1] and math.isfinite(d[p, i])):
+                    skipped.append({"stack": name, "family": fam, "L": L, "L_next": L_next, "reason": _NONFINITE})
+                    continue
                 if fn[i] < EPS or fn[i + 1] < EPS:
                     skipped.append({"stack": name, "family": fam, "L": L, "L_next": L_next, "reason": "zero norm"})
                     continue
@@ -464,8 +487,11 @@ def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.n
         first = info[members[0]]
         info[agg] = {"raw": aggregate_raw(layout.stacks[name], agg), "shape": first["shape"],
                      "dtype": first["dtype"], "experts": len(members)}
-        norm[agg] = {L: math.sqrt(v) for L, v in sorted(a2.items())}
+        norm[agg] = {L: math.sqrt(v) if math.isfinite(v) else None for L, v in sorted(a2.items())}
         for L, v in sorted(ad.items()):
+            if norm[agg][L] is None or norm[agg][L + 1] is None or not math.isfinite(v):
+                skipped.append({"stack": name, "family": agg, "L": L, "L_next": L + 1, "reason": _NONFINITE})
+                continue
             if norm[agg][L] < EPS or norm[agg][L + 1] < EPS:
                 skipped.append({"stack": name, "family": agg, "L": L, "L_next": L + 1, "reason": "zero norm"})
                 continue
@@ -488,10 +514,11 @@ def _stack_result(name: str, layout: Layout, plan: Plan, totals: list[tuple[np.n
         if any(f in pr["families"] for pr in pairs)
     }
     stack = layout.stacks[name]
+    raws = {i["raw"] for i in info.values()}
     return {
         "layers": layers,
         "families": {f: info[f] for f in fams},
-        "unmapped": [u for u in stack.unmapped if any(i["raw"] == u for i in info.values())],
+        "unmapped": [u for u in stack.unmapped if u in raws],
         "pairs": pairs,
         "summary": summaries,
         "scales": scales,

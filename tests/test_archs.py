@@ -631,7 +631,7 @@ def test_unknown_tensors_are_analysed_under_their_raw_name_and_listed(tmp_path, 
         tensors[f"model.layers.{L}.rotary_emb.inv_freq"] = np.ones(4, np.float32)
     write_checkpoint(tmp_path, tensors, config={"model_type": "llama", "num_hidden_layers": 3})
     layout = layout_of(tmp_path)
-    assert layout.stacks["model.layers"].unmapped == ["mlp.mystery.weight"]
+    assert list(layout.stacks["model.layers"].unmapped) == ["mlp.mystery.weight"]
     assert "rotary_emb.inv_freq" in layout.stacks["model.layers"].consumed
     st = scan(layout, ScanOptions(jobs=1, max_memory=BIG))["stacks"]["model.layers"]
     assert st["unmapped"] == ["mlp.mystery.weight"]

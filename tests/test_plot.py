@@ -144,8 +144,10 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, rng):
     assert proc.returncode == 1
     assert proc.stderr.strip() == "layerdiff: error: plot: matplotlib is not installed: pip install 'layerdiff[plot]'"
     ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng))
-    proc = run_cli("scan", str(ckpt), "--plot", str(tmp_path / "x.png"), env=env)
-    assert proc.returncode == 1 and "pip install 'layerdiff[plot]'" in proc.stderr and proc.stdout == ""
+    out = tmp_path / "scan.json"
+    proc = run_cli("scan", str(ckpt), "--plot", str(tmp_path / "x.png"), "--out", str(out), env=env)
+    assert proc.returncode == 1 and "pip install 'layerdiff[plot]'" in proc.stderr
+    assert not out.exists() and not (tmp_path / "x.png").exists()
 
 
 def test_rank_lines_skip_pairs_without_a_value():

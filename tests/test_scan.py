@@ -222,3 +222,26 @@ def test_cli_unknown_selection_lists_what_there_is(tmp_path, rng, args, message)
     proc = run_cli("scan", str(ckpt), *args, "--out", str(tmp_path / "r.json"))
     assert proc.returncode == 1 and proc.stderr.startswith(message), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("rank", [[], ["--rank"]])
+def test_inf_and_nan_weights_are_skipped_and_said_and_the_json_stays_strict(tmp_path, rng, rank):
+    tensors = qwen3_like(rng, layers=4, dtype=np.float32)
+    tensors["model.layers.1.self_attn.q_proj.weight"][0, 0] = np.nan
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 3] = np.inf
+    ckpt = write_checkpoint(tmp_path / "ckpt", tensors)
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(ckpt), *rank, "--out", str(out))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    doc = json.loads(out.read_text(), parse_constant=refuse)  # no NaN / Infinity tokens
+    st = doc["stacks"]["model.layers"]
+    bad = {(s["family"], s["L"]) for s in st["skipped"] if s["reason"].startswith("inf or NaN")}
+    assert bad == {("q_proj", 0), ("q_proj", 1), ("up_proj", 1), ("up_proj", 2)}
+    assert st["scales"]["q_proj"][1] is None and st["scales"]["up_proj"][2] is None
+    assert "q_proj" not in doc["fam_used"] and "k_proj" in doc["fam_used"]
+    fams = {pr["L"]: pr["families"] for pr in doc["pair_results"]}
+    assert "q_proj" in fams[2] and "up_proj" in fams[0] and "q_proj" not in fams[1]
