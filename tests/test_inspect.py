@@ -139,3 +139,20 @@ def test_committed_fixture(name):
     if not any(folder.glob("*.safetensors")):
         pytest.skip(f"fixture {name} is not present")
     check(folder)
+
+
+def test_odd_layer_numbers_never_collide_or_crash(tmp_path):
+    from conftest import run_cli, write_checkpoint
+
+    t = np.ones((2, 2), np.float32)
+    ckpt = write_checkpoint(tmp_path / "ckpt", {
+        "model.layers.1.w": t, "model.layers.01.w": t, "model.layers.2.w": t,
+        "model.layers." + "9" * 5000 + ".w": t,
+    }, config={"num_hidden_layers": 1, "num_nextn_predict_layers": "1"})
+    proc = run_cli("inspect", str(ckpt), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    listed = {t["name"] for t in doc["nonlayer"]}
+    assert "model.layers.01.w" in listed and "model.layers." + "9" * 5000 + ".w" in listed
+    assert {name: tuple(st["layers"]) for name, st in doc["stacks"].items()} == {"model.layers": (1, 2)}
+    assert run_cli("scan", str(ckpt), "--quiet").returncode == 0
