@@ -146,7 +146,7 @@ def test_odd_layer_numbers_never_collide_or_crash(tmp_path):
 
     t = np.ones((2, 2), np.float32)
     ckpt = write_checkpoint(tmp_path / "ckpt", {
-        "model.layers.1.w": t, "model.layers.01.w": t, "model.layers.2.w": t,
+        "model.layers.0.w": t, "model.layers.1.w": t, "model.layers.01.w": t, "model.layers.2.w": t,
         "model.layers." + "9" * 5000 + ".w": t,
     }, config={"num_hidden_layers": 1, "num_nextn_predict_layers": "1"})
     proc = run_cli("inspect", str(ckpt), "--json")
@@ -154,5 +154,7 @@ def test_odd_layer_numbers_never_collide_or_crash(tmp_path):
     doc = json.loads(proc.stdout)
     listed = {t["name"] for t in doc["nonlayer"]}
     assert "model.layers.01.w" in listed and "model.layers." + "9" * 5000 + ".w" in listed
-    assert {name: tuple(st["layers"]) for name, st in doc["stacks"].items()} == {"model.layers": (1, 2)}
+    # Layers past num_hidden_layers are reported apart (the string "1" is not a count: "extra", not "mtp").
+    stacks = {name: tuple(st["layers"]) for name, st in doc["stacks"].items()}
+    assert stacks == {"model.layers": (0, 0), "model.layers[extra]": (1, 2)}
     assert run_cli("scan", str(ckpt), "--quiet").returncode == 0
