@@ -167,14 +167,9 @@ def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | No
 @clean_errors
 def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """Scan the small Qwen3-shaped checkpoint that ships with layerdiff."""
-    from .layout import build_layout
-    from .index import load_index
     from .scan import ScanOptions
-    from .sources import resolve
 
-    folder = Path(str(resources.files("layerdiff") / "example"))
-    source = resolve(str(folder))
-    layout = build_layout(load_index(source.files, source.index_file), source.config)
+    source, _, layout = _open(str(resources.files("layerdiff") / "example"), None, None)
     _run_scan(source, layout, ScanOptions(rank=rank_mode(rank, rank_approx, sketch), sketch=sketch), out,
               quiet=False, plot=plot)
 

@@ -118,10 +118,11 @@ def _parse_json(path: Path, raw: bytes, what: str) -> Any:
     except RecursionError:
         raise LayerdiffError(path, f"{what} is JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and ints past Python's digit limit
-        raise LayerdiffError(path, f"{what} is not valid JSON: {_first_line(e)}") from None
+        raise LayerdiffError(path, f"{what} is not valid JSON: {first_line(e)}") from None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message, cut to one line for an error message."""
     text = str(e).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
 
@@ -142,7 +143,7 @@ def _reading(path: Path, what: str) -> Iterator[None]:
     except PermissionError:
         raise LayerdiffError(path, "permission denied") from None
     except OSError as e:
-        raise LayerdiffError(path, f"cannot read: {e.strerror or _first_line(e)}") from None
+        raise LayerdiffError(path, f"cannot read: {e.strerror or first_line(e)}") from None
 
 
 def read_header(path: Path) -> Shard:

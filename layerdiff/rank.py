@@ -69,9 +69,8 @@ import numpy as np
 from .errors import LayerdiffError
 from .layout import grid
 from .reader import NUMPY_DTYPES, Reader, decode, scale_rows
-from .scan import start_pool
+from .scan import MiB, start_pool
 
-MiB = 1 << 20
 SPEC_EPS = 1e-12  # the seed's clip of p in spec_entropy
 ROUNDING = 1e-8  # relative margin on the sketch's bounds for floating-point rounding
 # Decoded float64 bytes per layer block: large enough for efficient BLAS

@@ -116,11 +116,11 @@ def scan_text(result: dict[str, Any]) -> str:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
-    return str(n)
+    return f"{n:.2f} TB"
 
 
 def _share(members: list[Any]) -> tuple[int, int]:

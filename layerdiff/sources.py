@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LayerdiffError
+from .index import first_line
 
 # What a download fetches: the weights, their index and the config, nothing else.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -56,7 +57,7 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
                 raise LayerdiffError(model, "--revision applies to hub repo ids, not to local paths")
             return _local(model, path)
     except OSError as e:  # a name too long, a directory we may not list...
-        raise LayerdiffError(e.filename or model, f"cannot read: {e.strerror or _first_line(e)}") from None
+        raise LayerdiffError(e.filename or model, f"cannot read: {e.strerror or first_line(e)}") from None
     if not _REPO_ID.match(model) or model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".json")):
         raise LayerdiffError(model, "no such file or directory")
     return _hub(model, revision, cache_dir)
@@ -96,9 +97,9 @@ def _config(folder: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(cfg.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise LayerdiffError(cfg, f"not valid JSON: {_first_line(e)}") from None
+        raise LayerdiffError(cfg, f"not valid JSON: {first_line(e)}") from None
     except OSError as e:
-        raise LayerdiffError(cfg, f"cannot read: {e.strerror or _first_line(e)}") from None
+        raise LayerdiffError(cfg, f"cannot read: {e.strerror or first_line(e)}") from None
     if not isinstance(doc, dict):
         raise LayerdiffError(cfg, "not a JSON object")
     return doc
@@ -123,7 +124,7 @@ def _hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Source:
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True, allow_patterns=HUB_PATTERNS
         )
     except HFValidationError as e:
-        raise LayerdiffError(repo_id, f"not a path and not a valid repo id ({_first_line(e)})") from None
+        raise LayerdiffError(repo_id, f"not a path and not a valid repo id ({first_line(e)})") from None
     except IncompleteSnapshotError as e:
         if constants.HF_HUB_OFFLINE:
             raise LayerdiffError(repo_id, f"the cached snapshot at {e.snapshot_path} is incomplete (files are missing), "
@@ -136,7 +137,7 @@ def _hub(repo_id: str, revision: str | None, cache_dir: str | None) -> Source:
                                           f"{_cached_refs(cache, repo_id)}, and HF_HUB_OFFLINE is set") from None
         folder = _download(repo_id, revision, cache_dir, cache)
     except OSError as e:
-        raise LayerdiffError(repo_id, f"cannot read the hub cache at {cache}: {_first_line(e)}") from None
+        raise LayerdiffError(repo_id, f"cannot read the hub cache at {cache}: {first_line(e)}") from None
     snapshot = Path(folder)
     return _local(repo_id, snapshot, repo_id=repo_id, revision=revision or "main", commit=snapshot.name)
 
@@ -149,7 +150,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: str | None, cache: 
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=HUB_PATTERNS)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
         where = f"{repo_id}@{revision}" if revision else repo_id
-        raise LayerdiffError(where, f"not in the hub cache at {cache} and not downloadable: {_first_line(e)}") from None
+        raise LayerdiffError(where, f"not in the hub cache at {cache} and not downloadable: {first_line(e)}") from None
 
 
 def _cached_refs(cache: str, repo_id: str) -> str:
@@ -160,8 +161,3 @@ def _cached_refs(cache: str, repo_id: str) -> str:
     except OSError:
         return ""
     return f" (cached revisions: {', '.join(names)})" if names else ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
