@@ -24,7 +24,7 @@ def parse_size(text: str) -> int:
     """'256M', '1.5G', '300MiB', '1000000' -> bytes (binary units)."""
     m = _SIZE.match(text)
     if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 256M or 2G")
+        raise LayerdiffError("--max-memory", f"{text!r} is not a size like 256M or 2G")
     power = " KMGT".index((m.group(2) or " ").upper())
     return int(float(m.group(1)) * 1024**power)
 
@@ -32,10 +32,10 @@ def parse_size(text: str) -> int:
 def parse_layers(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
     if not m:
-        raise click.BadParameter(f"{text!r} is not a layer range like 4:12")
+        raise LayerdiffError("--layers", f"{text!r} is not a layer range like 4:12")
     a, b = int(m.group(1) or 0), int(m.group(2) or 1 << 30)
     if b <= a:
-        raise click.BadParameter(f"{text!r} selects no layers")
+        raise LayerdiffError("--layers", f"{text!r} selects no layers")
     return a, b
 
 

@@ -245,3 +245,14 @@ def test_inf_and_nan_weights_are_skipped_and_said_and_the_json_stays_strict(tmp_
     assert "q_proj" not in doc["fam_used"] and "k_proj" in doc["fam_used"]
     fams = {pr["L"]: pr["families"] for pr in doc["pair_results"]}
     assert "q_proj" in fams[2] and "up_proj" in fams[0] and "q_proj" not in fams[1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-memory", "12Q"], "layerdiff: error: --max-memory: '12Q' is not a size like 256M or 2G"),
+    (["--layers", "5"], "layerdiff: error: --layers: '5' is not a layer range like 4:12"),
+    (["--layers", "5:5"], "layerdiff: error: --layers: '5:5' selects no layers"),
+])
+def test_cli_malformed_options_are_one_line_errors(tmp_path, rng, args, message):
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=2))
+    proc = run_cli("scan", str(ckpt), *args)
+    assert proc.returncode == 1 and proc.stderr.strip() == message
