@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import tempfile
 from functools import wraps
 from importlib import resources
 from pathlib import Path
@@ -93,33 +91,6 @@ def _open(model: str, revision: str | None, cache_dir: str | None) -> tuple[Any,
     return source, index, build_layout(index, source.config)
 
 
-def write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    """Write to a temp file beside `path`, then rename: never a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def check_output_path(out: Path, source: Any) -> None:
-    """Fail before the scan, not after it, on an output that cannot be written."""
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise LayerdiffError(out, "output directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise LayerdiffError(out, "output directory is not writable")
-    protected = [source.root.resolve()]
-    if source.repo_id:
-        protected.append(source.root.resolve().parent.parent)  # the repo's cache folder
-    for p in protected:
-        if parent == p or p in parent.parents:
-            raise LayerdiffError(out, "refusing to write into the checkpoint directory or the hub cache")
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="layerdiff")
 def main() -> None:
@@ -182,9 +153,11 @@ def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: 
 @clean_errors
 def plot(result: Path, out: Path, stack: str | None) -> None:
     """Plot a scan result: cosines, residual rank and scale track across depth."""
+    from .output import check_writable
     from .plot import check_plot_path, plot_result
 
     check_plot_path(out)
+    check_writable(out)
     try:
         doc = json.loads(result.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
@@ -199,16 +172,17 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
 
 
 def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
+    from .output import check_writable, write_json
     from .report import scan_text
     from .scan import plan_scan, scan
 
     if out is not None:
-        check_output_path(out, source)
+        check_writable(out, source)
     if plot is not None:
         from .plot import check_plot_path
 
         check_plot_path(plot)  # the format, and matplotlib there, before a long scan
-        check_output_path(plot, source)
+        check_writable(plot, source)
     plan = plan_scan(layout, options)
     total, rplan = plan.bytes_total, None
     if options.rank:
@@ -233,7 +207,7 @@ def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: b
 
         plot_result(result, plot)
     if out is not None:
-        write_json_atomic(out, result)
+        write_json(out, result)
     if not quiet:
         for saved in (out, plot):
             if saved is not None:

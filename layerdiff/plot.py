@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import LayerdiffError
+from .output import atomic
 
 FORMATS = {".png": "png", ".svg": "svg"}
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
@@ -47,11 +46,6 @@ def check_plot_path(path: Path) -> str:
         raise LayerdiffError(path, "the plot format comes from the file name: use a .png or .svg suffix")
     if importlib.util.find_spec("matplotlib") is None:
         raise LayerdiffError("plot", MISSING)
-    parent = Path(path).resolve().parent
-    if not parent.is_dir():
-        raise LayerdiffError(path, "output directory does not exist")
-    if not os.access(parent, os.W_OK):
-        raise LayerdiffError(path, "output directory is not writable")
     return fmt
 
 
@@ -214,11 +208,5 @@ def plot_result(result: dict[str, Any], path: Path, stack: str | None = None) ->
     fmt = check_plot_path(path)
     matplotlib = _require_matplotlib()
     fig = make_figure(result, stack)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
-            fig.savefig(f, format=fmt, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
+        fig.savefig(f, format=fmt, dpi=110)
