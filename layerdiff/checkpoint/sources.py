@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LayerdiffError
+from ..errors import LayerdiffError
 from .index import first_line
 
 # What a download fetches: the weights, their index and the config, nothing else.

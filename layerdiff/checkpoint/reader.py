@@ -14,8 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .index import TensorInfo
-from .layout import grid
+from .index import TensorInfo, grid
 
 NUMPY_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype("<f2"),

@@ -1,0 +1,91 @@
+"""Metric definitions: one entry per metric, read by the tables, JSON, plots and the tidy table.
+
+A pair metric is computed from a pair's base values (`cos`, and whatever the
+extra passes measured) by its formula; a metric no pass measured is None,
+printed as `-`. A summary is a rule over one pair metric across all pairs of
+a family. Adding a metric derived from existing sums is one entry here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+EPS = 1e-12  # the seed's guard: a family with a smaller norm is skipped
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str  # a column or axis title
+    formula: str
+    null: str  # what independent and identical matrices give
+    compute: Callable[[Mapping[str, float | None]], float | None]
+    fmt: str = ".4f"
+
+
+def _from_cos(f: Callable[[float], float]) -> Callable[[Mapping[str, float | None]], float | None]:
+    return lambda v: None if v.get("cos") is None else f(v["cos"])  # type: ignore[arg-type]
+
+
+def _measured(name: str) -> Callable[[Mapping[str, float | None]], float | None]:
+    return lambda v: v.get(name)
+
+
+PAIR_METRICS: tuple[Metric, ...] = (
+    Metric("cos", "raw cos-sim", "<Wa, Wb> / (|Wa| |Wb|)", "1 identical up to scale, 0 orthogonal", _measured("cos"), "+.4f"),
+    Metric("resid_norm", "residual norm", "|Wb/|Wb| - Wa/|Wa||  = sqrt(max(2 - 2 cos, 0))",
+           "0 identical, sqrt(2) = 1.414 orthogonal", _from_cos(lambda c: math.sqrt(max(2.0 - 2.0 * c, 0.0)))),
+    Metric("scalar_fit", "scalar-fit residual", "sqrt(max(1 - cos^2, 0))", "0 identical up to scale, 1 orthogonal",
+           _from_cos(lambda c: math.sqrt(max(1.0 - c * c, 0.0)))),
+    Metric("resid_eff_rank", "residual effective rank", "exp(H), H = -sum p ln p, p = s^2 / sum s^2 (--rank)",
+           "1 for a rank-1 change", _measured("resid_eff_rank"), ".2f"),
+    Metric("resid_spec_entropy", "residual spectral entropy", "H (--rank)", "0 for a rank-1 change",
+           _measured("resid_spec_entropy")),
+    Metric("resid_stable_rank", "residual stable rank", "|D|_F^2 / |D|_2^2 (--rank)", "1 for a rank-1 change",
+           _measured("resid_stable_rank"), ".2f"),
+)
+METRICS: dict[str, Metric] = {m.name: m for m in PAIR_METRICS}
+
+
+def pair_values(measured: Mapping[str, float | None]) -> dict[str, float | None]:
+    """Every pair metric, in registry order, from what the passes measured."""
+    return {m.name: m.compute(measured) for m in PAIR_METRICS}
+
+
+@dataclass(frozen=True)
+class Summary:
+    name: str
+    metric: str  # the pair metric it summarises ("" for a count or a derived rule)
+    rule: Callable[[np.ndarray], float]
+    optional: bool = False  # None when no pair has the metric (e.g. mean_SE without --rank)
+
+
+SUMMARIES: tuple[Summary, ...] = (
+    Summary("n_pairs", "cos", lambda x: len(x)),
+    Summary("mean_cos", "cos", lambda x: float(x.mean())),
+    Summary("median_cos", "cos", lambda x: float(np.median(x))),
+    Summary("raw_resid", "resid_norm", lambda x: float(x.mean())),
+    Summary("scalar_fit", "scalar_fit", lambda x: float(x.mean())),
+    Summary("mean_SE", "resid_spec_entropy", lambda x: float(x.mean()), optional=True),
+    Summary("mean_eff_rank", "resid_eff_rank", lambda x: float(x.mean()), optional=True),
+)
+# Derived from other summaries, placed after the named one: (name, after, formula).
+DERIVED_SUMMARIES: tuple[tuple[str, str, Callable[[dict[str, float | None]], float | None]], ...] = (
+    ("improve_frac", "scalar_fit", lambda s: (s["raw_resid"] - s["scalar_fit"]) / max(s["raw_resid"], EPS)),  # type: ignore[operator]
+)
+
+
+def summarise(pairs: list[Mapping[str, float | None]]) -> dict[str, float | None]:
+    """A family's summary over its adjacent pairs (each a mapping of pair metrics)."""
+    out: dict[str, float | None] = {}
+    for s in SUMMARIES:
+        vals = np.array([p[s.metric] for p in pairs if p.get(s.metric) is not None], dtype=np.float64)
+        out[s.name] = None if s.optional and not len(vals) else s.rule(vals)
+        for name, after, formula in DERIVED_SUMMARIES:
+            if after == s.name:
+                out[name] = formula(out)
+    return out
