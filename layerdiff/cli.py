@@ -92,15 +92,20 @@ def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bo
 @click.option("--layers", help="Only layers A..B-1, as A:B.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@click.option("--all-pairs", is_flag=True, help="Also the L x L cosine matrix of every family (printed for --family).")
+@click.option("--gram", is_flag=True,
+              help="Also gram_cos: the centred Gram cosine on the residual side, blind to permutations of heads "
+                   "and hidden units (reads 2-D tensors again).")
 @rank_options
 @clean_errors
 def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | None, max_memory: str,
          stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool,
-         rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
+         all_pairs: bool, gram: bool, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """The null test: cosine, residual and scale track of adjacent layers."""
     from .api import open_model, scan_options
 
-    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch)
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
+                           all_pairs, gram)
     _run_scan(open_model(model, revision, cache_dir), options, out, quiet, plot)
 
 
@@ -115,18 +120,20 @@ def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | No
 @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache (default: HF_HUB_CACHE).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@click.option("--gram", is_flag=True, help="Also gram_cos(A, B): the centred Gram cosine on the residual side.")
 @rank_options
 @clean_errors
 def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, ...], families: tuple[str, ...],
-         layers: str | None, jobs: int, cache_dir: str | None, quiet: bool, rank: bool, rank_approx: bool,
-         sketch: int, plot: Path | None) -> None:
+         layers: str | None, jobs: int, cache_dir: str | None, quiet: bool, gram: bool, rank: bool,
+         rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """What changed from checkpoint A to B, tensor by tensor (A, B: paths or hub ids, org/name@REV)."""
     from .api import open_model, scan_options
     from .compare.run import plan_diff
     from .output import check_writable, write_json
     from .present.diff_text import diff_text
 
-    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch)
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
+                           gram=gram)
     ma, mb = open_model(a, None, cache_dir), open_model(b, None, cache_dir)
     for target in (out, plot):
         if target is not None:

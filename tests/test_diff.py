@@ -228,3 +228,17 @@ def test_cli_text_fits_and_bad_input_is_one_line(pair, tmp_path):
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "missing" in bad.stderr
     inside = run_cli("diff", str(a), str(b), "--out", str(b / "x.json"))
     assert inside.returncode == 1 and not (b / "x.json").exists()
+
+
+def test_gram_cos_between_a_and_b(tmp_path, rng):
+    """A fine-tune that permutes q_proj's heads (rows) keeps gram_cos(A, B) = 1; the raw cosine drops."""
+    base = qwen3_like(rng, layers=2, hidden=64, ff=96, dtype=np.float32)
+    tuned = dict(base)
+    tuned[Q.format(1)] = np.ascontiguousarray(base[Q.format(1)][rng.permutation(64)])
+    write_checkpoint(tmp_path / "a", base)
+    write_checkpoint(tmp_path / "b", tuned)
+    r = diff(str(tmp_path / "a"), str(tmp_path / "b"), gram=True)
+    moved = r.tensors[Q.format(1)].values
+    assert abs(moved["cos"]) < 0.3 and moved["gram_cos"] == pytest.approx(1.0, abs=1e-9)
+    assert r.tensors[Q.format(0)].values["gram_cos"] == pytest.approx(1.0, abs=1e-12)
+    assert r.tensors["model.layers.0.input_layernorm.weight"].values["gram_cos"] is None
