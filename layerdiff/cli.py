@@ -149,7 +149,7 @@ def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, .
         click.echo(diff_text(result))
     doc = result.to_dict()
     if plot is not None:
-        from .present.diff_plot import plot_diff
+        from .present.plot import plot_diff
 
         plot_diff(result, plot)
     if out is not None:
