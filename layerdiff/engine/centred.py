@@ -33,7 +33,7 @@ from ..errors import BudgetError
 from ..layout import Layout
 from ..options import ScanOptions
 from . import pool
-from .budget import MiB, rss_bytes
+from .budget import MiB, rss_bytes, usable_cpus
 from .gram import BASE_GROWTH, BLOCK_BYTES, MIN_BLOCK_ROWS, ROW_CHUNK, SLACK, SyrkGram, itemsize_of, pair_blocks, part_dims
 from .plan import Plan, Segment
 
@@ -185,8 +185,10 @@ def run_centred(plan: Plan, cp: CentredPlan, progress: Callable[[int], None] | N
                 ) -> dict[tuple[int, int, int], dict[str, Any]]:
     """gram_cos per (segment, part, pair)."""
     out: dict[tuple[int, int, int], dict[str, Any]] = {}
+    # One task at a time in this process: all cores' BLAS threads on it; in workers, one each.
+    threads = 1 if cp.jobs > 1 else usable_cpus()
     for i, values in pool.run(_pool_run, range(len(cp.tasks)), cp.jobs, pool.init_state,
-                              ((plan.segments, cp.tasks),)):
+                              ((plan.segments, cp.tasks), threads)):
         t = cp.tasks[i]
         for j, v in enumerate(values):
             out[(t.seg, t.part, j)] = {"gram_cos": v}
