@@ -144,3 +144,29 @@ def test_cli_prints_the_matrix_and_gram_table():
     proc = run_cli("scan", str(EXAMPLE), "--all-pairs", "--gram", "--family", "q_proj")
     assert proc.returncode == 0, proc.stderr
     assert "q_proj: cosine of every pair of layers" in proc.stdout and "centred Gram cosine" in proc.stdout
+
+
+def test_all_pairs_gram_cos_matrix(tmp_path, rng):
+    """Layers that are row-permuted / rotated copies of each other: every pair at 1; others match float64."""
+    w = rng.standard_normal((48, 32)) * np.linspace(0.3, 2.0, 32)
+    q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    layers = [w, np.ascontiguousarray(w[rng.permutation(48)]), q @ w, rng.standard_normal((48, 32))]
+    _family_checkpoint(tmp_path, layers, "self_attn.q_proj.weight")
+    ap = layerdiff.scan(str(tmp_path), gram=True, all_pairs=True).main.all_pairs["q_proj"]
+    got = np.array(ap["gram_cos"], dtype=float)
+    want = np.array([[ref_gram_cos(a, b, "cols") for b in layers] for a in layers])
+    assert np.allclose(got, want, atol=1e-9) and np.allclose(got[:3, :3], 1.0, atol=1e-9)
+    adjacent = [p.families["q_proj"]["gram_cos"] for p in layerdiff.scan(str(tmp_path), gram=True).main.pairs]
+    assert np.allclose(np.diag(got, 1), adjacent, atol=1e-12)
+
+
+def test_all_pairs_gram_cos_that_does_not_fit_is_said(tmp_path, rng):
+    layers = [rng.standard_normal((3000, 2000)).astype(np.float32) * 0.02 for _ in range(6)]
+    _family_checkpoint(tmp_path / "ck", layers, "mlp.gate_proj.weight")
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(tmp_path / "ck"), "--gram", "--all-pairs", "--max-memory", "256M", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    r = layerdiff.ScanResult.from_json(out)
+    ap = r.main.all_pairs["gate_proj"]
+    assert "gram_cos" not in ap and "6 Grams of 2000x2000" in ap["gram_cos_left_out"]
+    assert r.main.pairs[0].families["gate_proj"]["gram_cos"] is not None  # the adjacent ones still fit

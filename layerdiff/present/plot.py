@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import LayerdiffError, SelectionError
 from ..output import atomic
-from .heatmaps import MATRIX_COLS, diff_figure, scan_heatmaps
+from .heatmaps import diff_figure, matrix_count, scan_heatmaps
 
 FORMATS = {".png": "png", ".svg": "svg"}
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
@@ -91,8 +91,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     extras = bool(st.get("all_pairs")) or any(s.get("gram_cos") is not None for pr in pairs
                                               for s in pr["families"].values())
     if extras:  # --all-pairs / --gram: heatmaps below the four panels, in the same image
-        n_mat = -(-len(st.get("all_pairs") or {}) // MATRIX_COLS)
-        low = max(4, len(st.get("families", {})) * 0.18) + 2.3 * n_mat
+        low = max(4, len(st.get("families", {})) * 0.18) + 2.3 * matrix_count(st)
         fig = Figure(figsize=(16, 9.5 + low), layout="constrained")
         main, below = fig.subfigures(2, 1, height_ratios=[9.5, low])
         scan_heatmaps(below, st)
