@@ -9,7 +9,7 @@ Writes (safetensors.numpy.save_file) a synthetic Qwen3-named checkpoint of tiny 
 --tensors tensors spread evenly over --shards shards, plus model.safetensors.index.json and
 config.json, in a temp dir.  Then times `layerdiff inspect DIR --json` as a subprocess (best
 of --repeat; this includes interpreter start-up and imports) and, if importable, the same
-work in-process (layerdiff.index.load_index, and the full resolve -> load_index ->
+work in-process (layerdiff.checkpoint.index.load_index, and the full resolve -> load_index ->
 build_layout -> inspect_doc path when those exist).  Exit status 1 if the subprocess best
 is over --limit seconds (default 1.0) or inspect fails.
 """
@@ -91,9 +91,9 @@ def in_process(d: str, repeat: int) -> list[tuple[str, float]]:
     from pathlib import Path
     out = []
     try:
-        from layerdiff.index import load_index
+        from layerdiff.checkpoint.index import load_index
     except ImportError as e:
-        print(f"  in-process: skipped (layerdiff.index.load_index not importable: {e})")
+        print(f"  in-process: skipped (layerdiff.checkpoint.index.load_index not importable: {e})")
         return out
     files = [Path(f) for f in _proc.shard_files(d)]
     idx = Path(d) / "model.safetensors.index.json"
@@ -104,8 +104,8 @@ def in_process(d: str, repeat: int) -> list[tuple[str, float]]:
         print(f"  in-process load_index: skipped (signature changed? {e})")
     try:
         from layerdiff.layout import build_layout
-        from layerdiff.report import inspect_doc
-        from layerdiff.sources import resolve
+        from layerdiff.present.inspect import inspect_doc
+        from layerdiff.checkpoint.sources import resolve
     except ImportError as e:
         print(f"  in-process full path: skipped ({e})")
         return out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from functools import wraps
 from importlib import resources
@@ -12,29 +11,12 @@ from typing import Any, Callable
 
 import click
 
-from . import SCHEMA, __version__
+from . import __version__
 from .errors import LayerdiffError
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'256M', '1.5G', '300MiB', '1000000' -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise LayerdiffError("--max-memory", f"{text!r} is not a size like 256M or 2G")
-    power = " KMGT".index((m.group(2) or " ").upper())
-    return int(float(m.group(1)) * 1024**power)
-
-
-def parse_layers(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
-    if not m:
-        raise LayerdiffError("--layers", f"{text!r} is not a layer range like 4:12")
-    a, b = int(m.group(1) or 0), int(m.group(2) or 1 << 30)
-    if b <= a:
-        raise LayerdiffError("--layers", f"{text!r} selects no layers")
-    return a, b
+# Library option names -> the flags that set them, for error messages.
+FLAGS = {"max_memory": "--max-memory", "layers": "--layers", "stack": "--stack", "family": "--family",
+         "rank": "--rank", "sketch": "--sketch", "jobs": "--jobs", "revision": "--revision"}
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -45,7 +27,7 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LayerdiffError as e:
-            click.echo(f"layerdiff: error: {e}", err=True)
+            click.echo(f"layerdiff: error: {FLAGS.get(e.where, e.where)}: {e.problem}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("layerdiff: interrupted; nothing written", err=True)
@@ -81,20 +63,10 @@ def rank_mode(rank: bool, rank_approx: bool, sketch: int) -> str | None:
     return "exact" if rank else None
 
 
-def _open(model: str, revision: str | None, cache_dir: str | None) -> tuple[Any, Any, Any]:
-    from .index import load_index
-    from .layout import build_layout
-    from .sources import resolve
-
-    source = resolve(model, revision, cache_dir)
-    index = load_index(source.files, source.index_file)
-    return source, index, build_layout(index, source.config)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="layerdiff")
 def main() -> None:
-    """Compare adjacent transformer layers straight from safetensors shards."""
+    """Compare transformer layers straight from safetensors shards."""
 
 
 @main.command()
@@ -103,9 +75,11 @@ def main() -> None:
 @clean_errors
 def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bool) -> None:
     """List shards, stacks, families and sizes, reading headers only."""
-    from .report import inspect_doc, inspect_text
+    from .present.inspect import inspect_text
 
-    doc = inspect_doc(*_open(model, revision, cache_dir))
+    from .api import inspect as inspect_model
+
+    doc = inspect_model(model, revision, cache_dir)
     click.echo(json.dumps(doc, indent=2) if as_json else inspect_text(doc))
 
 
@@ -124,12 +98,71 @@ def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | No
          stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool,
          rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """The null test: cosine, residual and scale track of adjacent layers."""
-    memory, layer_range = parse_size(max_memory), parse_layers(layers) if layers else None
-    source, _, layout = _open(model, revision, cache_dir)
-    from .scan import ScanOptions  # numpy and friends only once the input has passed validation
+    from .api import open_model, scan_options
 
-    options = ScanOptions(memory, jobs, stacks, families, layer_range, rank_mode(rank, rank_approx, sketch), sketch)
-    _run_scan(source, layout, options, out, quiet, plot)
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch)
+    _run_scan(open_model(model, revision, cache_dir), options, out, quiet, plot)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
+@click.option("--max-memory", default="256M", show_default=True, help="Peak resident memory of all processes.")
+@click.option("--stack", "stacks", multiple=True, help="Only this stack (repeatable).")
+@click.option("--family", "families", multiple=True, help="Only this family, canonical or raw name (repeatable).")
+@click.option("--layers", help="Only layers A..B-1, as A:B.")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache (default: HF_HUB_CACHE).")
+@click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@rank_options
+@clean_errors
+def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, ...], families: tuple[str, ...],
+         layers: str | None, jobs: int, cache_dir: str | None, quiet: bool, rank: bool, rank_approx: bool,
+         sketch: int, plot: Path | None) -> None:
+    """What changed from checkpoint A to B, tensor by tensor (A, B: paths or hub ids, org/name@REV)."""
+    from .api import open_model, scan_options
+    from .compare.run import plan_diff
+    from .output import check_writable, write_json
+    from .present.diff_text import diff_text
+
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch)
+    ma, mb = open_model(a, None, cache_dir), open_model(b, None, cache_dir)
+    for target in (out, plot):
+        if target is not None:
+            check_writable(target, ma.source)
+            check_writable(target, mb.source)
+    if plot is not None:
+        from .present.plot import check_plot_path
+
+        check_plot_path(plot)
+    job = plan_diff(ma, mb, options)
+    result = _with_progress(job, quiet, "diff")
+    if not quiet:
+        click.echo(diff_text(result))
+    doc = result.to_dict()
+    if plot is not None:
+        from .present.diff_plot import plot_diff
+
+        plot_diff(result, plot)
+    if out is not None:
+        write_json(out, doc)
+    if not quiet:
+        for saved in (out, plot):
+            if saved is not None:
+                click.echo(f"Saved: {saved}")
+
+
+def _with_progress(job: Any, quiet: bool, desc: str) -> Any:
+    """job.run() with a progress bar on a terminal (none, and no tqdm import, otherwise)."""
+    if quiet or not sys.stderr.isatty():
+        return job.run()
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: workers are forked
+    with tqdm(total=job.total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+              leave=False) as bar:
+        return job.run(bar.update)
 
 
 @main.command()
@@ -138,11 +171,10 @@ def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | No
 @clean_errors
 def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """Scan the small Qwen3-shaped checkpoint that ships with layerdiff."""
-    from .scan import ScanOptions
+    from .api import open_model, scan_options
 
-    source, _, layout = _open(str(resources.files("layerdiff") / "example"), None, None)
-    _run_scan(source, layout, ScanOptions(rank=rank_mode(rank, rank_approx, sketch), sketch=sketch), out,
-              quiet=False, plot=plot)
+    options = scan_options(rank=rank_mode(rank, rank_approx, sketch), sketch=sketch)
+    _run_scan(open_model(str(resources.files("layerdiff") / "example")), options, out, quiet=False, plot=plot)
 
 
 @main.command()
@@ -154,60 +186,41 @@ def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: 
 def plot(result: Path, out: Path, stack: str | None) -> None:
     """Plot a scan result: cosines, residual rank and scale track across depth."""
     from .output import check_writable
-    from .plot import check_plot_path, plot_result
+    from .present.plot import check_plot_path, plot_result
+    from .result import ScanResult
 
     check_plot_path(out)
     check_writable(out)
+    doc = ScanResult.from_json(result)
     try:
-        doc = json.loads(result.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise LayerdiffError(result, f"not a scan result (invalid JSON: {e})") from None
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise LayerdiffError(result, f"not a layerdiff scan result (no \"schema\": \"{SCHEMA}\")")
-    try:
-        plot_result(doc, out, stack)
+        plot_result(doc.to_dict(), out, stack)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
         raise LayerdiffError(result, f"not a valid scan result ({type(e).__name__}: {e})") from None
     click.echo(f"Saved: {out}")
 
 
-def _run_scan(source: Any, layout: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
+def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
+    from .api import plan
     from .output import check_writable, write_json
-    from .report import scan_text
-    from .scan import plan_scan, scan
+    from .present.tables import scan_text
 
     if out is not None:
-        check_writable(out, source)
+        check_writable(out, model.source)
     if plot is not None:
-        from .plot import check_plot_path
+        from .present.plot import check_plot_path
 
         check_plot_path(plot)  # the format, and matplotlib there, before a long scan
-        check_writable(plot, source)
-    plan = plan_scan(layout, options)
-    total, rplan = plan.bytes_total, None
-    if options.rank:
-        from .rank import plan_rank
-
-        rplan = plan_rank(plan, options)  # fails here, before any reading, if it cannot fit
-        total = rplan.total_bytes(plan)
-    if quiet or not sys.stderr.isatty():  # no bar, and no tqdm import (30 ms of start-up)
-        result = scan(layout, options, None, plan, rplan)
-    else:
-        from tqdm import tqdm
-
-        tqdm.monitor_interval = 0  # no monitor thread: workers are forked
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="scan", file=sys.stderr,
-                  leave=False) as bar:
-            result = scan(layout, options, bar.update, plan, rplan)
-    result = {"model": source.spec, "source": source.describe(), **result}
+        check_writable(plot, model.source)
+    result = _with_progress(plan(model, options), quiet, "scan")  # plan fails up front if it cannot fit
     if not quiet:
         click.echo(scan_text(result))
+    doc = result.to_dict()
     if plot is not None:  # first: if plotting fails, no JSON is left behind either
-        from .plot import plot_result
+        from .present.plot import plot_result
 
-        plot_result(result, plot)
+        plot_result(doc, plot)
     if out is not None:
-        write_json(out, result)
+        write_json(out, doc)
     if not quiet:
         for saved in (out, plot):
             if saved is not None:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .index import TensorIndex, TensorInfo
+from .checkpoint.index import TensorIndex, TensorInfo, grid
 
 # The seed script's families, in its order: its JSON keys and tables use these.
 SEED_FAMILIES = (
@@ -476,14 +476,6 @@ class Member:
     cols: tuple[int, int] | None = None
     scale: TensorInfo | None = None
     scale_block: tuple[int, int] | None = None
-
-
-def grid(shape: tuple[int, ...]) -> tuple[int, int]:
-    """A tensor as a (rows, cols) matrix: leading axes flattened, 1-D as a column."""
-    if len(shape) >= 2:
-        cols = shape[-1]
-        return (math.prod(shape) // cols if cols else 0, cols)
-    return (math.prod(shape), 1)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 from .errors import LayerdiffError
-from .sources import Source
+from .checkpoint.sources import Source
 
 
 def check_writable(path: Path, source: Source | None = None) -> None:

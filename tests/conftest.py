@@ -94,6 +94,19 @@ def qwen3_like(rng: np.random.Generator, layers: int = 4, hidden: int = 64, ff: 
     return out
 
 
+def scan_layout(layout: Any, options: Any, plan: Any = None) -> dict:
+    """The scan result document of a layout built by the test (no source)."""
+    from layerdiff.api import Model, ScanJob, plan as plan_job
+    from layerdiff.engine.gram import plan_rank
+
+    model = Model(layout)
+    job = plan_job(model, options) if plan is None else ScanJob(
+        model, options, plan, plan_rank(plan, options) if options.rank else None)
+    doc = job.run().to_dict()
+    del doc["model"], doc["source"]  # what the CLI adds from the MODEL argument
+    return doc
+
+
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "layerdiff", *args], capture_output=True, text=True, env=env)
 

@@ -25,11 +25,12 @@ import pytest
 from conftest import FIXTURES, load_all, run_cli, write_checkpoint
 
 from layerdiff.errors import LayerdiffError
-from layerdiff.index import load_index
+from layerdiff.checkpoint.index import load_index
 from layerdiff.layout import SEED_FAMILIES, build_layout
-from layerdiff.report import inspect_doc, inspect_text
-from layerdiff.scan import ScanOptions, scan
-from layerdiff.sources import resolve
+from layerdiff.present.inspect import inspect_doc, inspect_text
+from conftest import scan_layout as scan
+from layerdiff.options import ScanOptions
+from layerdiff.checkpoint.sources import resolve
 
 # safetensors.numpy looks float8 dtypes up on the numpy module (see tests/fixtures/README.md).
 for _name in ("float8_e4m3fn", "float8_e5m2"):
@@ -484,7 +485,7 @@ def test_fp8_block_scaled_weights_are_dequantised():
 
 
 def test_fp8_dequantisation_across_small_row_blocks(monkeypatch):
-    import layerdiff.scan as S
+    import layerdiff.engine.budget as S
 
     monkeypatch.setattr(S, "MAX_BLOCK", 1000)  # row blocks of a few rows, crossing 128-row scale blocks
     result = run(ST / "fp8_block", jobs=2)
@@ -493,7 +494,7 @@ def test_fp8_dequantisation_across_small_row_blocks(monkeypatch):
 
 
 def test_fused_and_expert_splits_across_small_row_blocks(tmp_path, rng, monkeypatch):
-    import layerdiff.scan as S
+    import layerdiff.engine.budget as S
 
     fused_experts_checkpoint(tmp_path / "moe", rng)
     whole = {name: run(folder) for name, folder in

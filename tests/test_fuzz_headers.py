@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save
 
 from layerdiff.errors import LayerdiffError
-from layerdiff.index import DTYPES, MAX_HEADER_BYTES, read_header
+from layerdiff.checkpoint.index import DTYPES, MAX_HEADER_BYTES, read_header
 
 FUZZ = settings(max_examples=1500, derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

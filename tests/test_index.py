@@ -16,7 +16,7 @@ from conftest import qwen3_like, run_cli, write_checkpoint
 from safetensors.numpy import save_file
 
 from layerdiff.errors import LayerdiffError
-from layerdiff.index import DTYPES, MAX_HEADER_BYTES, load_index, read_header
+from layerdiff.checkpoint.index import DTYPES, MAX_HEADER_BYTES, load_index, read_header
 
 # safetensors dtype code -> numpy dtype, for every dtype the issue requires (and the unsigned ones).
 NUMPY = {

@@ -15,11 +15,12 @@ from matplotlib.image import imread  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from layerdiff.errors import LayerdiffError  # noqa: E402
-from layerdiff.index import load_index  # noqa: E402
+from layerdiff.checkpoint.index import load_index  # noqa: E402
 from layerdiff.layout import build_layout  # noqa: E402
-from layerdiff.plot import make_figure, plot_result  # noqa: E402
-from layerdiff.scan import ScanOptions, scan  # noqa: E402
-from layerdiff.sources import resolve  # noqa: E402
+from layerdiff.present.plot import make_figure, plot_result  # noqa: E402
+from conftest import scan_layout as scan
+from layerdiff.options import ScanOptions  # noqa: E402
+from layerdiff.checkpoint.sources import resolve  # noqa: E402
 
 
 def example_result(rank: str | None = "exact") -> dict:

@@ -21,11 +21,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_scan import assert_matches_reference
 
-import layerdiff.rank as R
-from layerdiff.index import load_index
+import layerdiff.engine.gram as R
+import layerdiff.metrics.spectra as spectra
+from layerdiff.checkpoint.index import load_index
 from layerdiff.layout import build_layout, grid
-from layerdiff.scan import ScanOptions, plan_scan, scan
-from layerdiff.sources import resolve
+from conftest import scan_layout as scan
+from layerdiff.engine.plan import plan_scan
+from layerdiff.options import ScanOptions
+from layerdiff.checkpoint.sources import resolve
 
 REL = 1e-8
 
@@ -264,7 +267,7 @@ def test_summary_means(tmp_path, rng):
 
 
 def test_each_tensor_is_read_at_most_twice(tmp_path, rng, monkeypatch):
-    from layerdiff.reader import Reader
+    from layerdiff.checkpoint.reader import Reader
 
     tensors = qwen3_like(rng, layers=5, hidden=64, ff=128)
     write_checkpoint(tmp_path, tensors)
@@ -343,11 +346,11 @@ def test_nystrom_entropy_bounds_property(d, k, decay, seed):
     lam = decay ** np.arange(d) * rng.uniform(0.5, 1.5, d)
     g = (q * lam) @ q.T
     omega = rng.standard_normal((d, k))
-    mu, nu = R.nystrom_lower(g @ omega, omega)
+    mu, nu = spectra.nystrom_lower(g @ omega, omega)
     total = float(lam.sum())
     assert np.all(np.sort(mu)[::-1] <= np.sort(lam)[::-1][: len(mu)] + 1e-9 * total)
     h = seed_spec_entropy(np.sqrt(lam))
-    s = R.sketch_stats(mu, total, d, k, nu + 1e-12 * total)
+    s = spectra.sketch_stats(mu, total, d, k, nu + 1e-12 * total)
     lo, hi = s["resid_rank_bounds"]["spec_entropy"]
     assert lo <= h <= hi
 

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from conftest import EXAMPLE, load_all, qwen3_like, reference, run_cli, write_checkpoint
 
-from layerdiff.index import load_index
+from layerdiff.checkpoint.index import load_index
 from layerdiff.layout import SEED_FAMILIES, build_layout
-from layerdiff.scan import ScanOptions, scan
-from layerdiff.sources import resolve
+from conftest import scan_layout as scan
+from layerdiff.options import ScanOptions
+from layerdiff.checkpoint.sources import resolve
 
 SHORT = {
     "self_attn.q_proj.weight": "q_proj", "self_attn.k_proj.weight": "k_proj", "self_attn.v_proj.weight": "v_proj",
@@ -106,7 +107,7 @@ def test_sharded_and_jobs_agree(tmp_path, rng):
 
 
 def test_small_blocks_cross_rows_and_layers(tmp_path, rng, monkeypatch):
-    import layerdiff.scan as S
+    import layerdiff.engine.budget as S
 
     monkeypatch.setattr(S, "MAX_BLOCK", 1000)  # forces many row blocks per tensor
     tensors = qwen3_like(rng, layers=3, hidden=128, ff=320)
@@ -145,7 +146,7 @@ def test_zero_norm_and_shape_change_are_skipped_and_said(tmp_path, rng):
     fams = {pr["L"]: pr["families"] for pr in result["pair_results"]}
     assert "o_proj" not in fams[1] and "o_proj" not in fams[2] and "o_proj" in fams[0]
     assert "up_proj" not in fams[2] and "up_proj" in fams[1]
-    reasons = {(s.get("family", s.get("raw")), s["L"]): s["reason"] for s in result["stacks"]["model.layers"]["skipped"]}
+    reasons = {(s["family"] or s["raw"], s["L"]): s["reason"] for s in result["stacks"]["model.layers"]["skipped"]}
     assert reasons[("o_proj", 1)] == "zero norm"
     assert "shape changes" in reasons[("mlp.up_proj.weight", 2)]
     assert result["scales"]["o_proj"][2] == 0.0

@@ -12,8 +12,8 @@ import pytest
 from conftest import FIXTURES, qwen3_like, run_cli, write_checkpoint
 
 from layerdiff.errors import LayerdiffError
-from layerdiff.index import load_index
-from layerdiff.sources import resolve
+from layerdiff.checkpoint.index import load_index
+from layerdiff.checkpoint.sources import resolve
 
 _spec = importlib.util.spec_from_file_location("hubcache", FIXTURES / "hubcache.py")
 hubcache = importlib.util.module_from_spec(_spec)

@@ -1,118 +1,12 @@
-"""Results -> text: the seed's tables (same layout and rounding) and inspect's listing."""
+"""inspect's document and listing: what was resolved, and how every tensor maps."""
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from .index import TensorIndex
-from .layout import Layout, aggregate_raw, family_order, grid
-from .sources import Source
-
-
-def _cols(families: list[str]) -> list[tuple[str, int]]:
-    return [(f, max(12, len(f))) for f in families]
-
-
-def _grid_table(rows: list[int], families: list[str], value: Any, sign: str) -> list[str]:
-    cols = _cols(families)
-    lines = [f"  {'L':>3}" + "".join(f" {f:>{w}}" for f, w in cols)]
-    for L in rows:
-        cells = []
-        for f, w in cols:
-            v = value(L, f)
-            cells.append(f" {v:>{sign}{w}.4f}" if v is not None else f" {'':>{w}}")
-        lines.append(f"  {L:>3}" + "".join(cells))
-    return lines
-
-
-_EXPERT = re.compile(r"^(?P<pre>.*)experts\.\d+\.(?P<post>.+)$")
-
-
-def _shown(families: list[str]) -> list[str]:
-    """The families a text table shows: an all-experts family stands for its
-    experts (hundreds of columns otherwise); every one of them is in the JSON."""
-    known = set(families)
-    return [f for f in families if not ((m := _EXPERT.match(f)) and f"{m['pre']}experts.{m['post']}" in known)]
-
-
-def stack_tables(st: dict[str, Any]) -> list[str]:
-    pairs = {pr["L"]: pr["families"] for pr in st["pairs"]}
-    paired = _shown([f for f in st["families"] if any(f in p for p in pairs.values())])
-    out = ["", "=== Adjacent-layer raw cos-sim per family ===",
-           "  null interpretation: 1.0 = identical matrices up to scale, 0 = orthogonal", ""]
-    out += _grid_table(list(pairs), paired, lambda L, f: pairs[L].get(f, {}).get("cos"), "+")
-    hidden = len(st["families"]) - len(_shown(list(st["families"])))
-    if hidden:
-        out.append(f"  ({hidden} per-expert families are in the JSON; the tables show experts.* over all experts)")
-    out += ["", "=== Per-family summary (across all adjacent pairs) ===",
-            "  random baseline = sqrt(2) ≈ 1.414 (what we'd see with no relationship)", "",
-            f"  {'family':>14} {'mean_cos':>10} {'median_cos':>11} {'raw_resid':>10} "
-            f"{'scalar_fit':>11} {'improve_frac':>13} {'mean_SE':>8}"]
-    for f in _shown(list(st["summary"])):
-        s = st["summary"][f]
-        out.append(
-            f"  {f:>14} {s['mean_cos']:>+10.4f} {s['median_cos']:>+11.4f} {s['raw_resid']:>10.4f} "
-            f"{s['scalar_fit']:>11.4f} {s['improve_frac']:>13.4f} {s['mean_SE'] or 0:>8.4f}"
-        )
-    out += _rank_tables(st, pairs)
-    idx = {L: i for i, L in enumerate(st["layers"])}
-    out += ["", "=== Scale track: ||W_family||_F across layers ==="]
-    out += _grid_table(st["layers"], _shown(list(st["scales"])), lambda L, f: st["scales"][f][idx[L]], "")
-    pca = st["pca"]
-    out += ["", "=== PCA of log-scale-track (dimensionality of schedule) ===", "  explained variance by mode:"]
-    for i, share in enumerate(pca["explained"]):
-        loads = ", ".join(f"{f}={pca['loadings'][j][i]:+.2f}" for j, f in enumerate(pca["fam_used"]))
-        out.append(f"    mode {i + 1:>2}: {share * 100:>6.2f}% (loadings per family: {loads})")
-    if pca["left_out_zero_norm"]:
-        out.append(f"  left out (a zero norm in some layer): {', '.join(pca['left_out_zero_norm'])}")
-    return out
-
-
-def _rank_tables(st: dict[str, Any], pairs: dict[int, dict[str, Any]]) -> list[str]:
-    """The residual spectra (scan --rank), when there are any."""
-    ranked = _shown([f for f in st["families"] if any(p.get(f, {}).get("resid_eff_rank") is not None for p in pairs.values())])
-    if not ranked:
-        return []
-    out = ["", "=== Residual spectrum: effective rank exp(H) per family (--rank) ===",
-           "  H = spectral entropy of W_L+1/|W_L+1| - W_L/|W_L|; stable rank = |D|_F^2 / |D|_2^2", ""]
-    out += _grid_table(list(pairs), ranked, lambda L, f: pairs[L].get(f, {}).get("resid_eff_rank"), "")
-    out += ["", f"  {'family':>14} {'dim':>6} {'mean_SE':>8} {'mean_eff_rank':>14} {'mean_stable_rank':>17}  method"]
-    for f in ranked:
-        rs = [p[f] for p in pairs.values() if p.get(f, {}).get("resid_eff_rank") is not None]
-        sr = [r["resid_stable_rank"] for r in rs if r.get("resid_stable_rank") is not None]
-        bounds = [r["resid_rank_bounds"] for r in rs if r.get("resid_rank_bounds")]
-        method = "exact (Gram eigenvalues)"
-        if bounds:
-            method = f"sketch: H within +-{max(b['spec_entropy_err'] for b in bounds):.3f} (guaranteed bounds in the JSON)"
-        summ = st["summary"].get(f, {})
-        dim = rs[0].get("resid_rank_dim", "")
-        out.append(
-            f"  {f:>14} {dim:>6} {summ.get('mean_SE') or 0:>8.4f} {summ.get('mean_eff_rank') or 0:>14.2f} "
-            f"{sum(sr) / len(sr) if sr else 0:>17.2f}  {method}"
-        )
-    return out
-
-
-def scan_text(result: dict[str, Any]) -> str:
-    out: list[str] = []
-    names = [result["main_stack"]] + [s for s in result["stacks"] if s != result["main_stack"]]
-    for name in names:
-        st = result["stacks"][name]
-        out.append(f"##### stack {name}: layers {st['layers'][0]}..{st['layers'][-1]}")
-        out += stack_tables(st)
-        for s in st["skipped"]:
-            where = f"layer {s['layer']}" if "layer" in s else f"pair {s['L']}->{s['L_next']}"
-            out.append(f"  skipped {s.get('family', s.get('raw'))} {where}: {s['reason']}")
-        if st["unmapped"]:
-            out.append(f"  unmapped families (raw names): {', '.join(st['unmapped'])}")
-        out.append("")
-    run = result["run"]
-    out.append(
-        f"scanned {run['bytes_analysed'] / 1e9:.3f} GB in {run['seconds']:.2f} s "
-        f"({result['settings']['jobs']} worker(s), blocks of {result['settings']['block_elements']} values)"
-    )
-    return "\n".join(out)
+from ..checkpoint.index import TensorIndex, grid
+from ..checkpoint.sources import Source
+from ..layout import Layout, aggregate_raw, family_order
 
 
 def _human(n: float) -> str:

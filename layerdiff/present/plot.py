@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import LayerdiffError
-from .output import atomic
+from ..errors import LayerdiffError, SelectionError
+from ..output import atomic
 
 FORMATS = {".png": "png", ".svg": "svg"}
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
@@ -55,7 +55,7 @@ def _stack(result: dict[str, Any], stack: str | None) -> tuple[str, dict[str, An
         raise LayerdiffError("plot", "not a layerdiff scan result (no 'stacks')")
     name = stack or result.get("main_stack") or next(iter(stacks))
     if name not in stacks:
-        raise LayerdiffError("--stack", f"no stack {name!r} in the result (it has: {', '.join(stacks)})")
+        raise SelectionError("stack", f"no stack {name!r} in the result (it has: {', '.join(stacks)})")
     return name, stacks[name]
 
 

@@ -66,13 +66,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .errors import LayerdiffError
-from .layout import grid
-from .reader import NUMPY_DTYPES, Reader, decode, scale_rows
-from .scan import MiB, start_pool
+from ..checkpoint.reader import NUMPY_DTYPES, Reader
+from ..errors import BudgetError
+from ..layout import grid
+from ..metrics.spectra import exact_stats, nystrom_lower, sketch_stats
+from ..metrics.registry import EPS
+from ..options import ScanOptions
+from . import pool
+from .budget import MiB, rss_bytes, usable_cpus
+from .plan import Part, Plan, Segment, clip
 
-SPEC_EPS = 1e-12  # the seed's clip of p in spec_entropy
-ROUNDING = 1e-8  # relative margin on the sketch's bounds for floating-point rounding
 # Decoded float64 bytes per layer block: large enough for efficient BLAS
 # (>= 256 rows of inner dimension), small next to the Grams.
 BLOCK_BYTES = 8 * MiB
@@ -85,115 +88,6 @@ SLACK = 4 * MiB  # allocator slack and small temporaries, per task
 COMBINE_CHUNK = 1 << 17  # values per temporary when combining the Grams
 # What this process grows by between planning and the rank pass (imports, pools).
 BASE_GROWTH = 12 * MiB
-
-
-# --- spectra -> numbers --------------------------------------------------------
-
-
-def _mass_entropy(mass: np.ndarray) -> float:
-    """The seed's `spec_entropy`, from squared singular values (eigenvalues of D^T D)."""
-    p = mass / max(float(mass.sum()), SPEC_EPS)
-    p = np.clip(p, SPEC_EPS, 1.0)
-    return float(-(p * np.log(p)).sum())
-
-
-def exact_stats(eigenvalues: np.ndarray) -> dict[str, Any]:
-    """Entropy, effective and stable rank from all eigenvalues of D^T D."""
-    lam = np.clip(np.asarray(eigenvalues, dtype=np.float64), 0.0, None)
-    total = float(lam.sum())
-    if total == 0.0:
-        return {"resid_spec_entropy": 0.0, "resid_eff_rank": 0.0, "resid_stable_rank": 0.0,
-                "resid_rank_note": "zero residual: the layers are equal up to a positive factor"}
-    h = _mass_entropy(lam)
-    return {"resid_spec_entropy": h, "resid_eff_rank": math.exp(h), "resid_stable_rank": total / float(lam.max())}
-
-
-def entropy_bounds(mu: np.ndarray, total: float, d: int, slack: float = 0.0) -> tuple[float, float, float, float]:
-    """Guaranteed (H_low, H_high, top_low, top_high) for a spectrum of d values
-    summing to `total` whose sorted values satisfy lambda_i >= mu_i and, for every
-    j, sum_{i<=j} lambda_i <= sum_{i<=j} mu_i + r with r = total - sum mu
-    (what a Nystrom approximation G_hat <= G guarantees). `slack` widens r and
-    lowers mu for rounding. top_* bound the largest value."""
-    mu = np.sort(np.clip(np.asarray(mu, dtype=np.float64) - slack, 0.0, None))[::-1][:d]
-    r = max(total - float(mu.sum()), 0.0) + slack * d
-    total = float(mu.sum()) + r
-    k = len(mu)
-    # Least entropy: the missing mass on the largest value (majorises every feasible spectrum).
-    low = np.zeros(d)
-    low[:k] = mu
-    low[0] += r
-    # Most entropy: water-filling max(mu_i, c) (majorised by every feasible spectrum).
-    full = np.zeros(d)
-    full[:k] = mu
-    c = _water_level(full, total)
-    high = np.maximum(full, c)
-    # The seed's clip of p at 1e-12 makes the entropy not quite Schur-concave
-    # below 1e-12: allow for it.
-    pad = d * SPEC_EPS * -math.log(SPEC_EPS)
-    return _mass_entropy(low) - pad, _mass_entropy(high) + pad, float(mu[0] if k else 0.0), float(mu[0] + r if k else r)
-
-
-def _water_level(x: np.ndarray, total: float) -> float:
-    """c with sum(max(x_i, c)) = total, for x sorted in decreasing order."""
-    d = len(x)
-    if total <= float(x.sum()):
-        return 0.0
-    suffix = np.cumsum(x[::-1])[::-1]  # suffix[i] = sum x[i:]
-    head = float(x.sum()) - suffix  # sum x[:i]
-    for i in range(d):  # entries i.. are flooded to c
-        c = (total - head[i]) / (d - i)
-        if i == 0 or c <= x[i - 1]:
-            if c >= x[i]:
-                return c
-    return (total - float(x.sum())) / d + float(x.max())
-
-
-def sketch_stats(mu: np.ndarray, total: float, d: int, k: int, slack: float) -> dict[str, Any]:
-    if total <= 0.0:
-        return exact_stats(np.zeros(1))
-    h_lo, h_hi, top_lo, top_hi = entropy_bounds(mu, total, d, slack)
-    # Widened by a rounding margin: the extremes are computed in floating point too.
-    h_lo = max(h_lo - ROUNDING * max(1.0, h_lo), 0.0)
-    h_hi = min(h_hi + ROUNDING * max(1.0, h_hi), math.log(d) + d * SPEC_EPS * -math.log(SPEC_EPS))
-    mid = 0.5 * (h_lo + h_hi)
-    sr_lo = total / max(top_hi, 1e-300) * (1 - ROUNDING)
-    sr_hi = total / max(top_lo, 1e-300) * (1 + ROUNDING)
-    return {
-        "resid_spec_entropy": mid,
-        "resid_eff_rank": math.exp(mid),
-        "resid_stable_rank": math.sqrt(sr_lo * sr_hi),
-        "resid_rank_bounds": {
-            "method": f"Nystrom sketch of D^T D, {k} columns: guaranteed bounds",
-            "spec_entropy": [h_lo, h_hi],
-            "spec_entropy_err": 0.5 * (h_hi - h_lo),
-            "eff_rank": [math.exp(h_lo), math.exp(h_hi)],
-            "stable_rank": [sr_lo, sr_hi],
-            "captured": float(min(max(np.clip(mu, 0, None).sum() / total, 0.0), 1.0)),
-        },
-    }
-
-
-def nystrom_lower(y: np.ndarray, omega: np.ndarray) -> tuple[np.ndarray, float]:
-    """Eigenvalues of the Nystrom approximation of G from Y = G Omega (Tropp et al.
-    2017, stabilised by a shift nu): each is <= the matching eigenvalue of G.
-    Returns (mu, nu)."""
-    n = y.shape[0]
-    nu = math.sqrt(n) * np.finfo(np.float64).eps * float(np.linalg.norm(y))
-    nu = max(nu, 1e-300)
-    for _ in range(8):
-        y_nu = y + nu * omega
-        w = omega.T @ y_nu
-        w = 0.5 * (w + w.T)
-        try:
-            chol = np.linalg.cholesky(w)
-        except np.linalg.LinAlgError:
-            nu *= 100.0
-            continue
-        b = np.linalg.solve(chol, y_nu.T).T  # y_nu chol^-T
-        sv = np.linalg.svd(b, compute_uv=False)
-        return np.clip(sv**2 - nu, 0.0, None), nu
-    return np.zeros(0), nu  # no usable sketch: bounds from the total alone
-
 
 # --- Gram accumulation ---------------------------------------------------------
 
@@ -335,6 +229,7 @@ class RankTask:
     step: int  # rows (cols side) or columns (rows side) per block
     need: int  # bytes the task holds at its peak, beyond its process's base
     nbytes: int  # bytes one layer of the part occupies in the file
+    delta: bool = False  # the spectrum of D = b - a itself (diff), not of the unit-norm residual
 
     @property
     def d(self) -> int:
@@ -354,7 +249,7 @@ class RankPlan:
     def segments(self) -> set[int]:
         return {t.seg for t in self.tasks}
 
-    def total_bytes(self, plan: Any) -> int:
+    def total_bytes(self, plan: Plan) -> int:
         """Progress units of a scan with this rank pass: the bytes of the chain
         pass's segments, plus both layers of every pair the rank pass decodes."""
         done = self.segments
@@ -365,24 +260,24 @@ class RankPlan:
         )
 
 
-def _part_dims(seg: Any, part: Any) -> tuple[int, int]:
+def _part_dims(seg: Segment, part: Part) -> tuple[int, int]:
     rows, cols = grid(seg.shape)
     m = sum(b - a for a, b in part.rows) if part.rows is not None else rows
     c0, c1 = part.cols or (0, cols)
     return m, c1 - c0
 
 
-def _itemsize(seg: Any) -> int:
+def _itemsize(seg: Segment) -> int:
     return max(NUMPY_DTYPES[t.dtype].itemsize for t in seg.tensors)
 
 
-def _gram_need(m: int, n: int, itemsize: int, fast: bool, room: int) -> tuple[str, int, int]:
+def _gram_need(m: int, n: int, itemsize: int, fast: bool, room: int, delta: bool = False) -> tuple[str, int, int]:
     """(side, step, bytes) of the exact mode for an m x n part; blocks shrink
     (down to MIN_BLOCK_ROWS) when the default ones do not fit in `room`."""
     side, d, width = ("cols", n, n) if n <= m else ("rows", m, m)
     length = m if side == "cols" else n  # rows (or columns) to walk
     step = max(MIN_BLOCK_ROWS, min(length, BLOCK_BYTES // (8 * width)))
-    grams = (3 if fast else 4) * d * d * 8
+    grams = (1 if delta else 3) * d * d * 8 + (0 if fast else d * d * 8)
     while True:
         blocks = 2 * step * width * 8
         if side == "cols":  # mapped pages of two row blocks
@@ -415,17 +310,15 @@ def _fit_sketch(m: int, n: int, itemsize: int, room: int, wanted: int) -> int:
     return min(k, min(m, n))
 
 
-def plan_rank(plan: Any, options: Any) -> RankPlan:
+def plan_rank(plan: Plan, options: ScanOptions, delta: bool = False) -> RankPlan:
     """Which families get a spectrum, how, and where, within --max-memory.
 
-    Fails up front (LayerdiffError) when an exact spectrum cannot fit, saying
+    Fails up front (BudgetError) when an exact spectrum cannot fit, saying
     what it needs and suggesting --rank-approx."""
-    from .scan import _rss_bytes, usable_cpus
-
     mode = options.rank
     if mode not in ("exact", "auto", "sketch"):
         raise ValueError(f"ScanOptions.rank must be 'exact', 'auto' or 'sketch', not {mode!r}")
-    base = _rss_bytes()
+    base = rss_bytes()
     cpus = usable_cpus()
     jobs = plan.jobs  # what the chain pass chose within the budget
     budget = options.max_memory
@@ -444,7 +337,7 @@ def plan_rank(plan: Any, options: Any) -> RankPlan:
             if min(m, n) < 1:
                 continue
             nbytes = m * n * itemsize
-            side, step, need = _gram_need(m, n, itemsize, fast, solo_room)
+            side, step, need = _gram_need(m, n, itemsize, fast, solo_room, delta)
             method, k = "gram", 0
             if mode == "sketch" or (need > solo_room and mode == "auto"):
                 method, side = "sketch", "cols"
@@ -461,13 +354,14 @@ def plan_rank(plan: Any, options: Any) -> RankPlan:
                 )
                 at_least = max(at_least, need + base + BASE_GROWTH)
                 continue
-            rp.tasks.append(RankTask(si, pi, part.family, seg.stack, m, n, side, method, k, step, need, nbytes))
+            rp.tasks.append(RankTask(si, pi, part.family, seg.stack, m, n, side, method, k, step, need, nbytes,
+                                     delta))
     if too_big:
         hint = f"; raise --max-memory to {-(-at_least // MiB)}M or more"
         if mode == "exact":
             hint += ", or use --rank-approx (a sketch with guaranteed error bounds where the Grams do not fit)"
-        raise LayerdiffError(
-            "--max-memory",
+        raise BudgetError(
+            "max_memory",
             f"{budget // MiB} MiB is too small for the residual spectrum: {too_big[0]}"
             + (f" (and {len(too_big) - 1} more)" if len(too_big) > 1 else "")
             + hint,
@@ -494,26 +388,16 @@ class TaskResult:
     nbytes: int  # bytes decoded
 
 
-def _decode_rows(reader: Reader, seg: Any, i: int, r0: int, r1: int, spans: list[tuple[int, int]],
+def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: list[tuple[int, int]],
                  c0: int, c1: int, out: np.ndarray) -> None:
     """Rows `spans` (within [r0, r1)), columns [c0, c1) of layer i's tensor into `out`, as values."""
-    t = seg.tensors[i]
-    block = reader.rows(t, r0, r1)
-    scale = seg.scales[i] if seg.scales else None
-    if scale is not None:
-        sgrid, sr0 = scale_rows(reader, scale, seg.scale_block, r0, r1)
-        decode(block, r0, spans, c0, c1, out, sgrid, seg.scale_block or (1, 1), sr0)
-    else:
-        decode(block, r0, spans, c0, c1, out)
-    del block
-    reader.release(t, r0, r1)
+    with reader.block(seg.tensors[i], r0, r1, seg.scales[i] if seg.scales else None, seg.scale_block) as block:
+        block.decode(spans, c0, c1, out)
 
 
-def _pair_blocks(reader: Reader, seg: Any, task: RankTask, ia: int, ib: int, bufa: np.ndarray, bufb: np.ndarray):
+def _pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int, bufa: np.ndarray, bufb: np.ndarray):
     """Decoded float64 blocks (a, b) of layers ia and ib: (rows x n) row blocks on
     the "cols" side, (m x cols) column blocks on the "rows" side."""
-    from .scan import _clip
-
     part = seg.parts[task.part]
     rows, cols = grid(seg.shape)
     c0, c1 = part.cols or (0, cols)
@@ -521,7 +405,7 @@ def _pair_blocks(reader: Reader, seg: Any, task: RankTask, ia: int, ib: int, buf
         n = c1 - c0
         for r0 in range(0, rows, task.step):
             r1 = min(rows, r0 + task.step)
-            spans = _clip(part.rows, r0, r1)
+            spans = clip(part.rows, r0, r1)
             cnt = sum(b - a for a, b in spans)
             if not cnt:
                 continue
@@ -538,7 +422,7 @@ def _pair_blocks(reader: Reader, seg: Any, task: RankTask, ia: int, ib: int, buf
                 k = 0
                 for r0 in range(0, rows, ROW_CHUNK):
                     r1 = min(rows, r0 + ROW_CHUNK)
-                    spans = _clip(part.rows, r0, r1)
+                    spans = clip(part.rows, r0, r1)
                     cnt = sum(b - a for a, b in spans)
                     if cnt:
                         _decode_rows(reader, seg, i, r0, r1, spans, q0, q1, buf[k : k + cnt * w])
@@ -546,12 +430,10 @@ def _pair_blocks(reader: Reader, seg: Any, task: RankTask, ia: int, ib: int, buf
             yield bufa[: m * w].reshape(m, w), bufb[: m * w].reshape(m, w)
 
 
-def run_task(task: RankTask, seg: Any, reader: Reader, threads: int = 1,
+def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
              progress: Callable[[int], None] | None = None) -> TaskResult:
     """Follow one family through its layers, pair by pair (see the module docstring)."""
     from threadpoolctl import threadpool_limits
-
-    from .scan import EPS
 
     n_layers = len(seg.layers)
     norms = np.zeros(n_layers)
@@ -569,13 +451,15 @@ def run_task(task: RankTask, seg: Any, reader: Reader, threads: int = 1,
     carry: np.ndarray | None = None
     s2 = 1.0  # guess of |b|/|a|
     nbytes = 0
+    delta = task.delta  # D = b - a: one accumulator, no guess, no normalisation
     for i in range(n_layers - 1):
-        ata = acc.zeros() if carry is None else carry
-        first = carry is None
+        ps = acc.zeros()
+        ata = ps if delta else acc.zeros() if carry is None else carry
+        first = carry is None and not delta
         carry = None
-        p0, ps = acc.zeros(), acc.zeros()
-        na = nb = nab = 0.0
-        guessed = False
+        p0 = ps if delta else acc.zeros()
+        na = nb = nab = ndd = 0.0
+        guessed = delta
         with threadpool_limits(threads):
             for xa, xb in _pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
                 fa, fb = xa.reshape(-1), xb.reshape(-1)
@@ -590,16 +474,23 @@ def run_task(task: RankTask, seg: Any, reader: Reader, threads: int = 1,
                     s2, guessed = math.sqrt(db / da), True
                 if first:
                     acc.add(ata, xa)
-                acc.add(p0, xb)
+                if not delta:
+                    acc.add(p0, xb)
                 np.multiply(xa, -s2, out=xa)
                 xa += xb  # b - s2 a
                 acc.add(ps, xa)
+                if delta:
+                    ndd += float(np.dot(fa, fa))
                 if progress is not None:
                     progress(2 * xa.size * itemsize)
         nbytes += 2 * task.m * task.n * itemsize
         if first:
             norms[i] = na
         norms[i + 1], dots[i] = nb, nab
+        if delta:
+            stats[i] = _delta_stats(task, acc, ps, ndd, threads)
+            del ata, p0, ps
+            continue
         if math.isfinite(na + nb + nab) and math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
             s = math.sqrt(nb / na)
             g = _combine(ps, p0, ata, s2, s, 1.0 / nb)
@@ -625,22 +516,31 @@ def run_task(task: RankTask, seg: Any, reader: Reader, threads: int = 1,
     return TaskResult(norms, dots, stats, nbytes)
 
 
-_RW: dict[str, Any] = {}
-
-
-def _init_worker(segments: list[Any], tasks: list[RankTask]) -> None:
+def _delta_stats(task: RankTask, acc: Any, g: np.ndarray, total: float, threads: int) -> dict[str, Any] | None:
+    """The spectrum of D = b - a from G = D^T D (or its sketch) and |D|_F^2 = `total`."""
     from threadpoolctl import threadpool_limits
 
-    _RW.update(segments=segments, tasks=tasks, reader=Reader(), blas=threadpool_limits(1))
+    if not math.isfinite(total):
+        return None
+    if total == 0.0:
+        return exact_stats(np.zeros(1)) | {"resid_rank_dim": task.d}
+    g *= 1.0 / total  # |D / |D||_F = 1: the spectrum's scale is irrelevant, its conditioning is not
+    if task.method == "gram":
+        with threadpool_limits(threads):
+            lam = np.linalg.eigvalsh(g, UPLO="U")
+        return exact_stats(lam) | {"resid_rank_dim": task.d}
+    mu, nu = nystrom_lower(g, acc.omega)
+    return sketch_stats(mu, 1.0, task.d, task.k, nu + 64 * np.finfo(np.float64).eps) | {"resid_rank_dim": task.d}
 
 
 def _pool_run(i: int) -> tuple[int, TaskResult]:
-    task = _RW["tasks"][i]
+    segments, tasks = pool.STATE["payload"]
+    task = tasks[i]
     with np.errstate(all="ignore"):  # inf/NaN weights: reported, not warned about
-        return i, run_task(task, _RW["segments"][task.seg], _RW["reader"])
+        return i, run_task(task, segments[task.seg], pool.STATE["reader"])
 
 
-def run_rank(plan: Any, rp: RankPlan, progress: Callable[[int], None] | None = None
+def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = None
              ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[tuple[int, int, int], dict[str, Any]], dict[str, Any]]:
     """Run every task. Returns per segment (squared norms, dots) shaped like the
     chain pass's totals, the per-pair statistics keyed (segment, part, pair), and
@@ -665,24 +565,20 @@ def run_rank(plan: Any, rp: RankPlan, progress: Callable[[int], None] | None = N
         decoded += res.nbytes
 
     if rp.pooled:
-        pool = start_pool(rp.jobs, _init_worker, (plan.segments, rp.tasks))
-        try:
-            for i, res in pool.imap_unordered(_pool_run, rp.pooled, chunksize=1):
-                collect(i, res)
-                if progress is not None:
-                    progress(res.nbytes)
-        finally:
-            pool.terminate()
-            pool.join()
+        for i, res in pool.run(_pool_run, rp.pooled, rp.jobs, pool.init_state, ((plan.segments, rp.tasks),)):
+            collect(i, res)
+            if progress is not None:
+                progress(res.nbytes)
     if rp.inproc:
-        reader = Reader()
+        # One task at a time in this process, with all cores' BLAS threads (run_task limits them).
+        pool.init_state(None, blas_threads=None)
         try:
             for i in rp.inproc:
                 t = rp.tasks[i]
                 with np.errstate(all="ignore"):
-                    collect(i, run_task(t, plan.segments[t.seg], reader, rp.threads, progress))
+                    collect(i, run_task(t, plan.segments[t.seg], pool.STATE["reader"], rp.threads, progress))
         finally:
-            reader.close()
+            pool.close_state()
     info = {
         "rank_seconds": time.perf_counter() - started,
         "rank_bytes_decoded": decoded,

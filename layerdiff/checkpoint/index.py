@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import LayerdiffError
+from ..errors import LayerdiffError
 
 # Same ceiling as the safetensors reference implementation: a longer header is
 # refused before anything is allocated for it.
@@ -301,3 +301,11 @@ def read_weight_map(index_file: Path) -> dict[str, str]:
                 index_file, f"weight_map names {_short(shard_name)}, not a .safetensors file beside the index"
             )
     return dict(wm)
+
+
+def grid(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor as a (rows, cols) matrix: leading axes flattened, 1-D as a column."""
+    if len(shape) >= 2:
+        cols = shape[-1]
+        return (math.prod(shape) // cols if cols else 0, cols)
+    return (math.prod(shape), 1)

@@ -1,0 +1,1 @@
+"""Checkpoint stage: MODEL -> files (sources), headers -> index (index), bytes -> blocks (reader)."""

@@ -1,0 +1,94 @@
+"""One budget computation for every pass: what this process and its workers may hold.
+
+`--max-memory` bounds the peak resident memory of layerdiff and all its worker
+processes together, file-backed pages included. A forked worker starts as a
+copy of this process's resident pages, so the base RSS counts once per process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import BudgetError
+
+MiB = 1 << 20
+# Largest block (elements per layer): bigger blocks fall out of the 2 MB L2
+# cache and decode more slowly, smaller ones pay per-call overhead.
+MAX_BLOCK = 1 << 20
+MIN_BLOCK = 1 << 14
+# Resident bytes per block element, worst case: the mapped raw value (up to 8),
+# two decoded buffers (current and previous layer, up to 8 each), and room for
+# a temporary of the block.
+BYTES_PER_ELEMENT = 32
+
+
+def rss_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def read_bytes() -> int:
+    """Bytes this process made storage read (the kernel's count; 0 where unknown)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (affinity and cpusets, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Workers and elements per block that fit `max_memory`, for `streams` blocks alive per worker."""
+
+    max_memory: int
+    base: int  # this process's RSS when planned
+    jobs: int
+    block: int  # elements per stream per block
+
+    @property
+    def share(self) -> int:
+        """Bytes one worker may hold beyond its base (0 when running in-process only)."""
+        return (self.max_memory - self.base * (self.jobs + 1)) // self.jobs if self.jobs > 1 else 0
+
+
+def plan_budget(max_memory: int, jobs: int, widest: int, streams: int = 2) -> Budget:
+    """Choose workers and block size for rows of up to `widest` values.
+
+    `streams` is how many layers' blocks a worker holds at once (2 for adjacent
+    pairs and diffs, L for all-pairs); the block shrinks as it grows."""
+    jobs = jobs or usable_cpus()
+    base = rss_bytes()
+    per_element = BYTES_PER_ELEMENT * max(streams, 2) // 2
+    while jobs > 1 and (max_memory - base * (jobs + 1)) // jobs < MIN_BLOCK * per_element:
+        jobs -= 1
+    held = base * (jobs + 1) if jobs > 1 else base
+    block = (max_memory - held) // (jobs * per_element)
+    if block < MIN_BLOCK:
+        need = held + MIN_BLOCK * per_element
+        raise BudgetError(
+            "max_memory",
+            f"{max_memory // MiB} MiB is too small: this process already uses {base // MiB} MiB, "
+            f"and this needs at least {-(-need // MiB)} MiB",
+        )
+    if widest > block:
+        need = held + widest * jobs * per_element
+        raise BudgetError(
+            "max_memory",
+            f"{max_memory // MiB} MiB is too small for rows of {widest} values"
+            + (f" in {streams} layers at once" if streams > 2 else "")
+            + f" (needs about {-(-need // MiB)} MiB)",
+        )
+    return Budget(max_memory, base, jobs, min(MAX_BLOCK, block))

@@ -1,0 +1,1 @@
+"""Metrics stage: sums -> metrics by a registry of definitions, spectra, the scale track."""

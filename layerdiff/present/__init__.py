@@ -1,0 +1,1 @@
+"""Presentation: text tables, inspect listing, plots. Reads typed results."""
