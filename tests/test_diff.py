@@ -46,7 +46,8 @@ def ref(a: np.ndarray, b: np.ndarray, rank: bool = False) -> dict:
     return out
 
 
-def check(got: dict, want: dict, tol: float = 1e-9) -> None:
+def check(got: dict, want: dict, tol: float = 1e-8) -> None:
+    """To 1e-8: the fused kernel sums bf16 products in short float32 runs flushed to float64."""
     for k, v in want.items():
         if isinstance(v, (bool, int)) and not isinstance(v, float):
             assert got[k] == v, (k, got[k], v)
