@@ -182,10 +182,21 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
         handles = handles + [_blank(ax_cos)]
     fig.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
     model = result.get("model") or (result.get("source") or {}).get("spec") or "model"
-    arch = result.get("architecture")
+    arch = _label(result, name)
     model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
     fig.suptitle(f"{model} \u2014 stack {name} ({len(layers)} layers{', ' + arch if arch else ''})", fontsize=12)
     return fig
+
+
+def _label(result: dict[str, Any], stack: str) -> str | None:
+    """The config's model_type and the table that named the stack: never another architecture's name alone."""
+    labels = result.get("labels") if isinstance(result.get("labels"), dict) else {}
+    per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
+    table = per[stack].get("table") if isinstance(per.get(stack), dict) else result.get("architecture")
+    model_type = labels.get("model_type")
+    if isinstance(model_type, str) and isinstance(table, str) and model_type != table:
+        return f"{model_type}, table {table}"
+    return table if isinstance(table, str) else None
 
 
 def _blank(ax: Any) -> Any:
