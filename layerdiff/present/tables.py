@@ -167,8 +167,18 @@ def _rank_tables(st: StackResult, pairs: dict[int, dict[str, PairStats]]) -> lis
     return out
 
 
+def _labels_line(labels: dict[str, Any]) -> list[str]:
+    """One line: the config's model_type, the main stack and why, and what named each stack."""
+    if not labels:
+        return []
+    main = labels.get("main_stack") or {}
+    names = "; ".join(f"{s}: {m.get('label')}" for s, m in (labels.get("stacks") or {}).items())
+    return [f"model_type {labels.get('model_type') or 'unknown'}; main stack {main.get('rule') or main.get('name')}; "
+            f"names: {names}"]
+
+
 def scan_text(result: ScanResult) -> str:
-    out: list[str] = []
+    out: list[str] = _labels_line(result.labels)
     names = [result.main_stack] + [s for s in result.stacks if s != result.main_stack]
     for name in names:
         st = result.stacks[name]
