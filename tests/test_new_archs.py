@@ -565,3 +565,41 @@ def test_granitemoe_in_transformers_fused_layout(tmp_path):
     st = scan_folder(tmp_path)["stacks"]["model.layers"]
     assert st["unmapped"] == []
     assert compare(st, expected("granitemoe")["model.layers"]) == 2 * len(FAMILIES["granitemoe"]["model.layers"])
+
+
+@needs_tables
+def test_clip_text_model_alone_as_transformers_5_writes_it(tmp_path):
+    """CLIPTextModel.save_pretrained (transformers 5) drops the `text_model.` prefix: stack
+    `encoder.layers`, config model_type clip_text_model with the sizes at the top level."""
+    tensors = load_all(HF / "clip")
+    text = {n[len("text_model."):]: t for n, t in tensors.items() if n.startswith("text_model.")}
+    write_checkpoint(tmp_path, text, config={**cfg("clip")["text_config"], "model_type": "clip_text_model"})
+    result = scan_folder(tmp_path)
+    assert set(result["stacks"]) == {"encoder.layers"}
+    st = result["stacks"]["encoder.layers"]
+    assert st["unmapped"] == []
+    exp = expected("clip", tensors)["text_model.encoder.layers"]
+    assert compare(st, exp) == 2 * len(exp)
+
+
+@needs_tables
+def test_granitemoeshared_shared_mlp_is_split_into_gate_and_up(tmp_path):
+    """GraniteMoeSharedMLP.forward: input_linear(x).chunk(2): act(first) * second -> output_linear;
+    input_linear [2S, H] rows [gate; up] with S = shared_intermediate_size. Names as
+    GraniteMoeSharedModel's state_dict (layers.N.shared_mlp.input_linear/output_linear)."""
+    rng = np.random.default_rng(9)
+    tensors = dict(load_all(HF / "granitemoe"))
+    c = {**cfg("granitemoe"), "model_type": "granitemoeshared", "shared_intermediate_size": 8}
+    H, S = c["hidden_size"], 8
+    for L in range(3):
+        tensors[f"model.layers.{L}.shared_mlp.input_linear.weight"] = rng.standard_normal((2 * S, H)).astype(np.float32)
+        tensors[f"model.layers.{L}.shared_mlp.output_linear.weight"] = rng.standard_normal((H, S)).astype(np.float32)
+    write_checkpoint(tmp_path, tensors, config=c)
+    st = scan_folder(tmp_path)["stacks"]["model.layers"]
+    exp = expected("granitemoe", tensors)["model.layers"]
+    layers = layer_tensors(tensors, "model.layers")
+    exp["shared_expert.gate_proj"] = {L: ts["shared_mlp.input_linear.weight"][:S] for L, ts in layers.items()}
+    exp["shared_expert.up_proj"] = {L: ts["shared_mlp.input_linear.weight"][S:] for L, ts in layers.items()}
+    exp["shared_expert.down_proj"] = {L: ts["shared_mlp.output_linear.weight"] for L, ts in layers.items()}
+    assert st["unmapped"] == []
+    assert compare(st, exp) == 2 * len(exp)
