@@ -463,17 +463,31 @@ needs_tables = pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / 
                                   reason="architecture data files are read by layerdiff.archs (branch archs)")
 
 
-def scan_folder(folder: Path, **opts) -> dict:
+def open_layout(folder: Path):
+    """The layout layerdiff builds for a checkpoint folder (the Python API if there is one)."""
+    import layerdiff
+
+    if hasattr(layerdiff, "open_model"):
+        return layerdiff.open_model(str(folder)).layout
     from layerdiff.index import load_index
     from layerdiff.layout import build_layout
-    from layerdiff.scan import ScanOptions, scan
     from layerdiff.sources import resolve
+
+    source = resolve(str(folder))
+    return build_layout(load_index(source.files, source.index_file), source.config)
+
+
+def scan_folder(folder: Path, **opts) -> dict:
+    """The scan's JSON document (as the CLI writes it) for a checkpoint folder."""
+    import layerdiff
 
     opts.setdefault("jobs", 1)
     opts.setdefault("max_memory", BIG)
-    source = resolve(str(folder))
-    layout = build_layout(load_index(source.files, source.index_file), source.config)
-    return scan(layout, ScanOptions(**opts))
+    if hasattr(layerdiff, "scan") and callable(layerdiff.scan):
+        return layerdiff.scan(str(folder), **opts).to_dict()
+    from layerdiff.scan import ScanOptions, scan
+
+    return scan(open_layout(folder), ScanOptions(**opts))
 
 
 def compare(st: dict, expected: dict[str, dict[int, np.ndarray]]) -> int:
@@ -520,12 +534,7 @@ def test_scan_matches_the_float64_reference(name):
 @needs_tables
 @pytest.mark.parametrize("name", NEW)
 def test_each_stack_is_labelled_with_its_own_table(name):
-    from layerdiff.index import load_index
-    from layerdiff.layout import build_layout
-    from layerdiff.sources import resolve
-
-    source = resolve(str(HF / name))
-    layout = build_layout(load_index(source.files, source.index_file), source.config)
+    layout = open_layout(HF / name)
     for stack, (_, arch) in STACKS[name].items():
         assert layout.stacks[stack].arch == arch, (stack, layout.stacks[stack].arch)
     assert layout.arch == STACKS[name][MAIN.get(name, next(iter(STACKS[name])))][1]
@@ -533,14 +542,9 @@ def test_each_stack_is_labelled_with_its_own_table(name):
 
 @needs_tables
 def test_fused_splits_are_described():
-    from layerdiff.index import load_index
-    from layerdiff.layout import build_layout
-    from layerdiff.sources import resolve
-
     for name, raws in (("modernbert", ("attn.Wqkv.weight", "attn.Wqkv.bias", "mlp.Wi.weight", "mlp.Wi.bias")),
                        ("granitemoe", ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"))):
-        source = resolve(str(HF / name))
-        stack = build_layout(load_index(source.files, source.index_file), source.config).stacks["model.layers"]
+        stack = open_layout(HF / name).stacks["model.layers"]
         for raw in raws:
             assert raw in stack.splits, (name, raw, sorted(stack.splits))
     result = scan_folder(HF / "granitemoe")
