@@ -92,16 +92,84 @@ def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bo
 @click.option("--layers", help="Only layers A..B-1, as A:B.")
 @click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@click.option("--all-pairs", is_flag=True, help="Also the L x L cosine matrix of every family (printed for --family).")
+@click.option("--gram", is_flag=True,
+              help="Also gram_cos: the centred Gram cosine on the residual side, blind to permutations of heads "
+                   "and hidden units (reads 2-D tensors again).")
 @rank_options
 @clean_errors
 def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | None, max_memory: str,
          stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool,
-         rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
+         all_pairs: bool, gram: bool, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
     """The null test: cosine, residual and scale track of adjacent layers."""
     from .api import open_model, scan_options
 
-    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch)
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
+                           all_pairs, gram)
     _run_scan(open_model(model, revision, cache_dir), options, out, quiet, plot)
+
+
+@main.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result as JSON here.")
+@click.option("--max-memory", default="256M", show_default=True, help="Peak resident memory of all processes.")
+@click.option("--stack", "stacks", multiple=True, help="Only this stack (repeatable).")
+@click.option("--family", "families", multiple=True, help="Only this family, canonical or raw name (repeatable).")
+@click.option("--layers", help="Only layers A..B-1, as A:B.")
+@click.option("--jobs", type=click.IntRange(min=0), default=0, help="Worker processes (default: all cores).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Hub cache (default: HF_HUB_CACHE).")
+@click.option("--quiet", is_flag=True, help="No progress bar and no tables.")
+@click.option("--gram", is_flag=True, help="Also gram_cos(A, B): the centred Gram cosine on the residual side.")
+@rank_options
+@clean_errors
+def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, ...], families: tuple[str, ...],
+         layers: str | None, jobs: int, cache_dir: str | None, quiet: bool, gram: bool, rank: bool,
+         rank_approx: bool, sketch: int, plot: Path | None) -> None:
+    """What changed from checkpoint A to B, tensor by tensor (A, B: paths or hub ids, org/name@REV)."""
+    from .api import open_model, scan_options
+    from .compare.run import plan_diff
+    from .output import check_writable, write_json
+    from .present.diff_text import diff_text
+
+    options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
+                           gram=gram)
+    ma, mb = open_model(a, None, cache_dir), open_model(b, None, cache_dir)
+    for target in (out, plot):
+        if target is not None:
+            check_writable(target, ma.source)
+            check_writable(target, mb.source)
+    if plot is not None:
+        from .present.plot import check_plot_path
+
+        check_plot_path(plot)
+    job = plan_diff(ma, mb, options)
+    result = _with_progress(job, quiet, "diff")
+    if not quiet:
+        click.echo(diff_text(result))
+    doc = result.to_dict()
+    if plot is not None:
+        from .present.plot import plot_diff
+
+        plot_diff(result, plot)
+    if out is not None:
+        write_json(out, doc)
+    if not quiet:
+        for saved in (out, plot):
+            if saved is not None:
+                click.echo(f"Saved: {saved}")
+
+
+def _with_progress(job: Any, quiet: bool, desc: str) -> Any:
+    """job.run() with a progress bar on a terminal (none, and no tqdm import, otherwise)."""
+    if quiet or not sys.stderr.isatty():
+        return job.run()
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: workers are forked
+    with tqdm(total=job.total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+              leave=False) as bar:
+        return job.run(bar.update)
 
 
 @main.command()
@@ -132,7 +200,7 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
     check_writable(out)
     doc = ScanResult.from_json(result)
     try:
-        plot_result(doc.to_dict(), out, stack)
+        plot_result(doc, out, stack)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
         raise LayerdiffError(result, f"not a valid scan result ({type(e).__name__}: {e})") from None
     click.echo(f"Saved: {out}")
@@ -150,23 +218,14 @@ def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Pat
 
         check_plot_path(plot)  # the format, and matplotlib there, before a long scan
         check_writable(plot, model.source)
-    job = plan(model, options)  # fails here, before any reading, if it cannot fit
-    if quiet or not sys.stderr.isatty():  # no bar, and no tqdm import (30 ms of start-up)
-        result = job.run()
-    else:
-        from tqdm import tqdm
-
-        tqdm.monitor_interval = 0  # no monitor thread: workers are forked
-        with tqdm(total=job.total, unit="B", unit_scale=True, unit_divisor=1024, desc="scan", file=sys.stderr,
-                  leave=False) as bar:
-            result = job.run(bar.update)
+    result = _with_progress(plan(model, options), quiet, "scan")  # plan fails up front if it cannot fit
     if not quiet:
         click.echo(scan_text(result))
     doc = result.to_dict()
     if plot is not None:  # first: if plotting fails, no JSON is left behind either
         from .present.plot import plot_result
 
-        plot_result(doc, plot)
+        plot_result(result, plot)
     if out is not None:
         write_json(out, doc)
     if not quiet:
