@@ -203,7 +203,7 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
 
 def _label(result: ScanResult, stack: str) -> str | None:
     """The config's model_type and the table that named the stack: never another architecture's name alone."""
-    labels = result.labels if isinstance(result.labels, dict) else {}
+    labels = result.labels
     per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
     table = per[stack].get("table") if isinstance(per.get(stack), dict) else result.architecture
     model_type = labels.get("model_type")
