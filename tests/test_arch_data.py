@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -143,7 +144,7 @@ def test_a_missing_extra_directory_is_an_error(tmp_path):
 
 def test_the_cli_prints_a_broken_table_as_one_line(tmp_path):
     d = tables(tmp_path / "t", {"toy": {**TOY, "names": {"a.weight": {"split": [["q", "2*"]]}}}})
-    proc = run_cli("inspect", str(HF / "llama"), env={**__import__("os").environ, registry.ENV: str(d)})
+    proc = run_cli("inspect", str(HF / "llama"), env={**os.environ, registry.ENV: str(d)})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"layerdiff: error: {d / 'toy.json'}: names.\"a.weight\".split[0]: size expression '2*' is not valid"]

@@ -76,8 +76,8 @@ def main_stack(reg: Registry, layer_counts: dict[str, int]) -> tuple[str, str]:
         hits = [s for s in layer_counts if re.search(rule.pattern, s)]
         if hits:
             name = max(hits, key=lambda s: (layer_counts[s], -len(s)))
-            return name, f"{name}, {rule.why} (rule: the name matches {rule.pattern})"
+            return name, f"{name}, {rule.why}"
     name = max(layer_counts, key=lambda s: (layer_counts[s], not s.endswith("]"), -len(s)))
     if len(layer_counts) == 1:
         return name, f"{name}, the only stack"
-    return name, f"{name}, the stack with the most layers (rule: no name matches a main-stack rule)"
+    return name, f"{name}, the stack with the most layers"

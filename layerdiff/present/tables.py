@@ -168,13 +168,15 @@ def _rank_tables(st: StackResult, pairs: dict[int, dict[str, PairStats]]) -> lis
 
 
 def _labels_line(labels: dict[str, Any]) -> list[str]:
-    """One line: the config's model_type, the main stack and why, and what named each stack."""
+    """One line: the config's model_type, the main stack and why, and what named each stack
+    (each stack on a line of its own when one line would be wider than WIDTH)."""
     if not labels:
         return []
     main = labels.get("main_stack") or {}
-    names = "; ".join(f"{s}: {m.get('label')}" for s, m in (labels.get("stacks") or {}).items())
-    return [f"model_type {labels.get('model_type') or 'unknown'}; main stack {main.get('rule') or main.get('name')}; "
-            f"names: {names}"]
+    head = f"model_type {labels.get('model_type') or 'unknown'}; main stack {main.get('rule') or main.get('name')}"
+    names = [f"{s}: {m.get('label')}" for s, m in (labels.get("stacks") or {}).items()]
+    line = f"{head}; names: {'; '.join(names)}"
+    return [line] if len(line) <= WIDTH else [f"{head}; names:"] + [f"  {n}" for n in names]
 
 
 def scan_text(result: ScanResult) -> str:
