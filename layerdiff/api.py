@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .checkpoint.files import watching
 from .checkpoint.index import TensorIndex, load_index
 from .checkpoint.sources import Source, resolve
 from .engine import chain, gram
@@ -81,6 +82,11 @@ class ScanJob:
         return self.rank_plan.total_bytes(self.plan) if self.rank_plan else self.plan.bytes_total
 
     def run(self, progress: Progress | None = None) -> ScanResult:
+        # A shard that changed while it was read is the error, whatever else happened.
+        with watching(self.model.index.stamps() if self.model.index else []):
+            return self._run(progress)
+
+    def _run(self, progress: Progress | None) -> ScanResult:
         started = time.perf_counter()
         plan, rplan = self.plan, self.rank_plan
         ranks = None

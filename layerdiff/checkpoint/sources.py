@@ -9,14 +9,14 @@ huggingface_hub's own download of a repo that is not cached yet.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LayerdiffError
-from .index import first_line
+from .files import first_line
+from .jsonfile import read_json
 
 # What a download fetches: the weights, their index and the config, nothing else.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -94,12 +94,7 @@ def _config(folder: Path) -> dict[str, Any] | None:
     cfg = folder / "config.json"
     if not cfg.exists():
         return None
-    try:
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise LayerdiffError(cfg, f"not valid JSON: {first_line(e)}") from None
-    except OSError as e:
-        raise LayerdiffError(cfg, f"cannot read: {e.strerror or first_line(e)}") from None
+    doc = read_json(cfg, "config.json")
     if not isinstance(doc, dict):
         raise LayerdiffError(cfg, "not a JSON object")
     return doc
