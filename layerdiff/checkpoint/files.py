@@ -55,7 +55,7 @@ def open_regular(path: Path, what: str) -> int:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise FormatError(path, f"{_kind(st.st_mode)}, not {a(what)}")
+            raise FormatError(path, f"{kind(st.st_mode)}, not {a(what)}")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -63,7 +63,8 @@ def open_regular(path: Path, what: str) -> int:
     return fd
 
 
-def _kind(mode: int) -> str:
+def kind(mode: int) -> str:
+    """'is a FIFO (named pipe)': what a file that is not a regular file is."""
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
         if test(mode):

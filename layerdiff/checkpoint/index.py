@@ -275,7 +275,7 @@ def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex
 
 
 def read_weight_map(index_file: Path) -> dict[str, str]:
-    doc = read_json(index_file, "index", object_pairs_hook=_object)
+    doc = read_json(index_file, "index", object_pairs_hook=_object, limit=MAX_HEADER_BYTES)
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise LayerdiffError(index_file, "no weight_map mapping tensor names to shard files")
