@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .checkpoint.files import watching
 from .checkpoint.index import TensorIndex, load_index
 from .checkpoint.sources import Source, resolve
 from .engine import centred, chain, gram, multi
@@ -88,6 +89,11 @@ class ScanJob:
         return self.rank_plan.total_bytes(self.plan) + extra + more
 
     def run(self, progress: Progress | None = None) -> ScanResult:
+        # A shard that changed while it was read is the error, whatever else happened.
+        with watching(self.model.index.stamps() if self.model.index else []):
+            return self._run(progress)
+
+    def _run(self, progress: Progress | None) -> ScanResult:
         started = time.perf_counter()
         plan, rplan = self.plan, self.rank_plan
         ranks = grams = None

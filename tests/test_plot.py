@@ -177,7 +177,8 @@ def test_many_experts_give_way_to_their_aggregate():
     ("[1, 2]", 'not a layerdiff scan result (no "schema": "layerdiff.scan/1")'),
     ('{"model": "m", "pair_results": []}', 'not a layerdiff scan result (no "schema": "layerdiff.scan/1")'),
     ('{"schema": "layerdiff.scan/1", "stacks": {"s": {"families": 3}}}', "not a valid scan result"),
-    ("{", "not a scan result (invalid JSON"),
+    ("{", "scan result is not valid JSON: "),
+    ("[" * 100_000, "scan result is JSON nested too deeply"),
 ])
 def test_cli_plot_of_something_else_is_a_clean_error(tmp_path, text, problem):
     pytest.importorskip("matplotlib")
