@@ -66,7 +66,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..checkpoint.reader import NUMPY_DTYPES, Reader
+from ..checkpoint.reader import RAW_DTYPES, Reader
 from ..errors import BudgetError
 from ..layout import grid
 from ..metrics.spectra import exact_stats, nystrom_lower, sketch_stats
@@ -268,7 +268,7 @@ def part_dims(seg: Segment, part: Part) -> tuple[int, int]:
 
 
 def itemsize_of(seg: Segment) -> int:
-    return max(NUMPY_DTYPES[t.dtype].itemsize for t in seg.tensors)
+    return max(RAW_DTYPES[t.dtype].itemsize for t in seg.tensors)
 
 
 def _gram_need(m: int, n: int, itemsize: int, fast: bool, room: int, delta: bool = False) -> tuple[str, int, int]:
