@@ -97,6 +97,13 @@ class ScanJob:
             io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
         else:
             totals, io = chain.execute(plan, progress)
+        return self.result(totals, io, ranks, time.perf_counter() - started)
+
+    def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,
+               seconds: float = 0.0) -> ScanResult:
+        """The typed result from the passes' per-segment sums (which may come from
+        several runs over parts of the plan, added up: a sweep's distributed tasks)."""
+        plan, rplan = self.plan, self.rank_plan
         layout = self.model.layout
         stacks = {name: stack_result(name, layout, plan, totals, ranks)
                   for name in sorted({s.stack for s in plan.segments})}
@@ -108,7 +115,7 @@ class ScanJob:
             "stacks": list(o.stacks), "families": list(o.families), "layers": list(o.layers) if o.layers else None,
             "rank": gram.describe(rplan) if rplan else None,
         }
-        run = {"seconds": time.perf_counter() - started, "bytes_analysed": plan.bytes_total, **io}
+        run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source
         return ScanResult(source.spec if source else "", source.describe() if source else {}, layout.arch,
                           main_name, stacks, settings, run)
