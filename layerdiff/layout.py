@@ -452,6 +452,10 @@ DERIVED: dict[str, str] = {
     "moe_intermediate_size": "intermediate_size",
 }
 
+_ROLES = {f: "reads" for f in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "router", "cross_q_proj",
+                                "cross_k_proj", "cross_v_proj", "shared_expert.gate_proj", "shared_expert.up_proj")}
+_ROLES |= {f: "writes" for f in ("o_proj", "down_proj", "cross_o_proj", "shared_expert.down_proj")}
+
 _OUTPUT_HEADS = ("lm_head.weight", "embed_out.weight")
 _INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight",
                      "tok_embeddings.weight")
@@ -510,6 +514,13 @@ class Stack:
     @property
     def layers(self) -> list[int]:
         return sorted({m.layer for ms in self.families.values() for m in ms})
+
+    def role(self, family: str) -> str | None:
+        """'reads' or 'writes' the residual stream (None: neither, or not known)."""
+        base = re.sub(r"^(.*\.)?experts\.(\d+\.)?", "", family)
+        if family in self.unmapped or family not in self.families and family not in self.aggregates:
+            return None
+        return _ROLES.get(base)
 
 
 @dataclass

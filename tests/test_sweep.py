@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,15 +88,19 @@ def test_revision_in_the_model_and_local_paths_with_at(tmp_path):
 # --- the table against float64 ---------------------------------------------------------------------
 
 def _drift64(a: dict, b: dict) -> dict:
-    """Per raw name and layer: cos and |a - b| / |b| in float64 over fully loaded tensors."""
+    """Per raw name and layer, a against the reference b, in float64 over fully loaded tensors:
+    cos, |a - b| / |b|, |a| / |b|, the fraction of equal elements, max |a - b|."""
     out = {}
     for name, x in a.items():
         if not name.startswith("model.layers."):
             continue
         L, rest = name[len("model.layers."):].split(".", 1)
         x, y = np.asarray(x, np.float64), np.asarray(b[name], np.float64)
-        out[(rest, int(L))] = (float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum())),
-                               float(np.sqrt(((x - y) ** 2).sum() / (y * y).sum())))
+        out[(rest, int(L))] = {"drift_cos": float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum())),
+                               "drift_rel_change": float(np.sqrt(((x - y) ** 2).sum() / (y * y).sum())),
+                               "drift_norm_ratio": float(np.sqrt((x * x).sum() / (y * y).sum())),
+                               "drift_frac_equal": float((x == y).mean()),
+                               "drift_max_abs_diff": float(np.abs(x - y).max())}
     return out
 
 
@@ -109,7 +112,8 @@ def test_table_against_float64(offline, tmp_path):
         assert tuple(next(csv.reader(f))) == COLUMNS
     rows = read_table(table)
     assert rows == list(result.rows())
-    assert {r[7] for r in rows} == {"cos", "resid_norm", "scalar_fit", "norm", "drift_cos", "drift_rel_change"}
+    assert {r[7] for r in rows} == {"cos", "resid_norm", "scalar_fit", "norm", "drift_cos", "drift_rel_change",
+                                    "drift_norm_ratio", "drift_frac_equal", "drift_max_abs_diff"}
     assert [e.checkpoint for e in result.entries] == [f"{REPO}@{n}" for n in ORDER]
     raw = {f: info.raw for f, info in result.scan(0).main.families.items()}
     src = tmp_path / "src"
@@ -132,10 +136,9 @@ def test_table_against_float64(offline, tmp_path):
                 assert value == pytest.approx(math.sqrt(max(2 - 2 * cos[r][L], 0)), abs=1e-5)
             elif metric == "scalar_fit":
                 assert value == pytest.approx(math.sqrt(max(1 - cos[r][L] ** 2, 0)), abs=1e-5)
-            elif metric == "drift_cos":
-                assert L_next is None and abs(value - drift[(r, L)][0]) < 1e-6
-            elif metric == "drift_rel_change":
-                assert L_next is None and abs(value - drift[(r, L)][1]) < 1e-6
+            elif metric.startswith("drift_"):
+                want = drift[(r, L)][metric]
+                assert L_next is None and abs(value - want) < 1e-6 * max(1, abs(want)), (name, fam, L, metric)
             checked += 1
         has_drift = any(r[7].startswith("drift_") for r in mine)
         assert has_drift == (name != "step0")  # the reference has no drift against itself
@@ -182,8 +185,9 @@ def test_hub_and_local_of_the_same_checkpoint(offline, tmp_path):
     a, b = (list(r.scan(i).rows()) for i in range(2))
     assert a == b and r.entries[0].scan_file != r.entries[1].scan_file
     assert r.entries[1].reference == f"{REPO}@step1000"  # another source, the same content: no drift at all
-    drift = r.drift(1)
-    assert drift and all(v == (1.0 if m == "cos" else 0.0) for *_, m, v in drift)
+    unchanged = {"cos": 1.0, "rel_change": 0.0, "norm_ratio": 1.0, "frac_equal": 1.0, "max_abs_diff": 0.0}
+    drift = [(m, v) for *_, m, v in r.drift(1) if v is not None]
+    assert drift and all(v == unchanged[m] for m, v in drift)
 
 
 # --- the store: reruns and kills -------------------------------------------------------------------
@@ -285,19 +289,26 @@ def test_cli_sweep_offline_revisions(offline, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--table", "t.xlsx"], "t.xlsx: the table format comes from the file name"),
-    (["--gram"], "--gram: this layerdiff's scan has no such option (yet)"),
     (["--reference", "/no/such/ckpt"], "/no/such/ckpt: no such file or directory"),
     (["--revisions", "step("], "--revisions: 'step(' is not a regular expression"),
     (["--dask", "tcp://127.0.0.1:9"], "--dask: cannot reach the scheduler at tcp://127.0.0.1:9 within 5 s"),
 ])
 def test_cli_errors_are_one_line(tmp_path, args, message):
-    if "--gram" in args and "gram" in __import__("inspect").signature(layerdiff.scan_options).parameters:
-        pytest.skip("scan has gram now")
     dirs = training_run(tmp_path / "src", steps=("step0",))
     r = run_cli("sweep", str(dirs["step0"]), "--out-dir", str(tmp_path / "o"), *args)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("layerdiff: error: ") and message in lines[0], r.stderr
+
+
+def test_rank_and_gram_add_their_metrics(tmp_path):
+    dirs = training_run(tmp_path / "src", steps=("step0", "step50000"))
+    r = layerdiff.sweep([str(d) for d in dirs.values()], out_dir=tmp_path / "o", rank=True, gram=True, jobs=1)
+    metrics = {row[7] for row in r.rows()}
+    assert {"resid_eff_rank", "resid_spec_entropy", "resid_stable_rank", "gram_cos"} <= metrics
+    assert {"drift_delta_eff_rank", "drift_delta_stable_rank", "drift_gram_cos"} <= metrics
+    with pytest.raises(SelectionError, match="no_such: this layerdiff's scan has no such option"):
+        layerdiff.sweep(str(dirs["step0"]), out_dir=tmp_path / "o", no_such=1)
 
 
 def test_missing_extras_are_one_line_errors(monkeypatch, tmp_path):

@@ -9,7 +9,9 @@ the model size. The pages stay in the page cache: nothing is read twice.
 from __future__ import annotations
 
 import mmap
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -82,6 +84,18 @@ class Reader:
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
+    @contextmanager
+    def block(self, t: TensorInfo, r0: int, r1: int, scale: TensorInfo | None = None,
+              scale_block: tuple[int, int] | None = None) -> Iterator[Block]:
+        """Rows [r0, r1) of `t` to decode parts of, released afterwards: the one
+        decode / dequantise / page-release path every pass uses."""
+        blk = Block(self, t, r0, r1, scale, scale_block)
+        try:
+            yield blk
+        finally:
+            blk.raw = None
+            self.release(t, r0, r1)
+
     def close(self) -> None:
         for m in self._maps.values():
             try:
@@ -89,6 +103,23 @@ class Reader:
             except BufferError:  # a view is still alive (e.g. after Ctrl-C): the GC unmaps it
                 pass
         self._maps.clear()
+
+
+class Block:
+    """A mapped row block of one tensor and the scale rows that dequantise it."""
+
+    def __init__(self, reader: Reader, t: TensorInfo, r0: int, r1: int, scale: TensorInfo | None,
+                 scale_block: tuple[int, int] | None) -> None:
+        self.r0 = r0
+        self.raw: np.ndarray | None = reader.rows(t, r0, r1)
+        self.scale_block = scale_block or (1, 1)
+        self.grid, self.scale_r0 = (scale_rows(reader, scale, self.scale_block, r0, r1) if scale is not None
+                                    else (None, 0))
+
+    def decode(self, spans: list[tuple[int, int]], c0: int, c1: int, out: np.ndarray) -> None:
+        """Rows `spans` (absolute), columns [c0, c1) as values (dequantised) into the flat `out`."""
+        assert self.raw is not None, "decode after release"
+        decode(self.raw, self.r0, spans, c0, c1, out, self.grid, self.scale_block, self.scale_r0)
 
 
 def decode(

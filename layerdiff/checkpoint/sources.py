@@ -58,9 +58,16 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
             return _local(model, path)
     except OSError as e:  # a name too long, a directory we may not list...
         raise LayerdiffError(e.filename or model, f"cannot read: {e.strerror or first_line(e)}") from None
-    if not _REPO_ID.match(model) or model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".json")):
+    repo_id, at, rev = model.partition("@")  # org/name@REV: the hub's own convention for a revision
+    if at:
+        if revision is not None and revision != rev:
+            raise LayerdiffError(model, f"names revision {rev!r} and --revision {revision!r}: give one")
+        revision = rev
+    if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
         raise LayerdiffError(model, "no such file or directory")
-    return _hub(model, revision, cache_dir)
+    source = _hub(repo_id, revision, cache_dir)
+    source.spec = model
+    return source
 
 
 def _local(spec: str, path: Path, **hub: Any) -> Source:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..checkpoint.reader import Reader, decode, scale_rows
+from ..checkpoint.reader import Reader
 from ..layout import grid
 from . import pool
 from .budget import read_bytes
@@ -68,18 +68,14 @@ def _chain(seg: Segment, reader: Reader, r0: int, r1: int, work: list[list[Any]]
            dots: np.ndarray) -> None:
     """Walk the layers of rows [r0, r1): decode each once, add its sums."""
     for i, t in enumerate(seg.tensors):
-        block = reader.rows(t, r0, r1)
-        scale = seg.scales[i] if seg.scales else None
-        sgrid, sr0 = scale_rows(reader, scale, seg.scale_block, r0, r1) if scale is not None else (None, 0)
-        for p, w in enumerate(work):
-            spans, c0, c1, cur, prev = w
-            decode(block, r0, spans, c0, c1, cur, sgrid, seg.scale_block or (1, 1), sr0)
-            norms[p, i] = rowdot(cur, cur)
-            if i:
-                dots[p, i - 1] = rowdot(prev, cur)
-            w[3], w[4] = prev, cur
-        del block
-        reader.release(t, r0, r1)
+        with reader.block(t, r0, r1, seg.scales[i] if seg.scales else None, seg.scale_block) as block:
+            for p, w in enumerate(work):
+                spans, c0, c1, cur, prev = w
+                block.decode(spans, c0, c1, cur)
+                norms[p, i] = rowdot(cur, cur)
+                if i:
+                    dots[p, i - 1] = rowdot(prev, cur)
+                w[3], w[4] = prev, cur
 
 
 def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[Totals, dict[str, int]]:

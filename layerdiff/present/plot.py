@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import LayerdiffError, SelectionError
 from ..output import atomic
+from .heatmaps import MATRIX_COLS, diff_figure, scan_heatmaps
 
 FORMATS = {".png": "png", ".svg": "svg"}
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
@@ -87,8 +88,17 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     pairs = st.get("pairs", [])
     xs = [pr["L"] for pr in pairs]
     colors = _colors(len(fams))
-    fig = Figure(figsize=(14, 9.5), layout="constrained")
-    ax_cos, ax_rank, ax_scale, ax_pca = fig.subplots(2, 2).ravel()
+    extras = bool(st.get("all_pairs")) or any(s.get("gram_cos") is not None for pr in pairs
+                                              for s in pr["families"].values())
+    if extras:  # --all-pairs / --gram: heatmaps below the four panels, in the same image
+        n_mat = -(-len(st.get("all_pairs") or {}) // MATRIX_COLS)
+        low = max(4, len(st.get("families", {})) * 0.18) + 2.3 * n_mat
+        fig = Figure(figsize=(16, 9.5 + low), layout="constrained")
+        main, below = fig.subfigures(2, 1, height_ratios=[9.5, low])
+        scan_heatmaps(below, st)
+    else:
+        fig = main = Figure(figsize=(14, 9.5), layout="constrained")
+    ax_cos, ax_rank, ax_scale, ax_pca = main.subplots(2, 2).ravel()
 
     def series(fam: str, key: str) -> list[float]:
         out = []
@@ -180,7 +190,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     if hidden:
         labels = labels + [f"(+{hidden} more families not drawn)"]
         handles = handles + [_blank(ax_cos)]
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
+    main.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
     model = result.get("model") or (result.get("source") or {}).get("spec") or "model"
     arch = result.get("architecture")
     model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
@@ -200,6 +210,16 @@ def _colors(n: int) -> list[Any]:
 
     pool = [c for name in ("tab10", "Dark2", "Set1") for c in colormaps[name].colors]
     return [pool[i % len(pool)] for i in range(n)]
+
+
+def plot_diff(result: Any, path: Path) -> None:
+    """Render a diff result's heatmaps to `path` (.png or .svg), atomically."""
+    path = Path(path)
+    fmt = check_plot_path(path)
+    matplotlib = _require_matplotlib()
+    fig = diff_figure(result)
+    with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(f, format=fmt, dpi=110)
 
 
 def plot_result(result: dict[str, Any], path: Path, stack: str | None = None) -> None:

@@ -59,6 +59,7 @@ def stack_tables(st: StackResult) -> list[str]:
             f"{s['scalar_fit']:>11.4f} {s['improve_frac']:>13.4f} {_num(s['mean_SE'], 8, '.4f')}"
         )
     out += _rank_tables(st, pairs)
+    out += _gram_tables(st, pairs)
     idx = {L: i for i, L in enumerate(st.layers)}
     out += ["", "=== Scale track: ||W_family||_F across layers ==="]
     out += _grid_table(st.layers, _shown(list(st.scales)), lambda L, f: st.scales[f][idx[L]], "")
@@ -75,6 +76,32 @@ def stack_tables(st: StackResult) -> list[str]:
 def _value(stats: dict[str, PairStats], family: str, metric: str) -> float | None:
     s = stats.get(family)
     return s.get(metric) if s is not None else None
+
+
+def _gram_tables(st: StackResult, pairs: dict[int, dict[str, PairStats]]) -> list[str]:
+    """The centred Gram cosines (scan --gram), when there are any."""
+    fams = _shown([f for f in st.families if any(_value(p, f, "gram_cos") is not None for p in pairs.values())])
+    if not fams:
+        return []
+    out = ["", "=== Adjacent-layer centred Gram cosine per family (--gram) ===",
+           "  G = W^T W (reads the residual stream) or W W^T (writes it), centred; invariant to permutations and",
+           "  rotations of heads / hidden units. ~0 = independent isotropic, 1 = the same up to such a change", ""]
+    return out + _grid_table(list(pairs), fams, lambda L, f: _value(pairs[L], f, "gram_cos"), "+")
+
+
+def all_pairs_tables(st: StackResult, families: list[str]) -> list[str]:
+    """The L x L cosine matrix of each family asked for (scan --all-pairs --family F)."""
+    out: list[str] = []
+    for fam in families:
+        ap = st.all_pairs.get(fam)
+        if ap is None:
+            continue
+        layers = ap["layers"]
+        out += ["", f"=== {fam}: cosine of every pair of layers (--all-pairs) ==="]
+        out.append("  " + f"{'L':>4}" + "".join(f" {L:>6}" for L in layers))
+        for L, row in zip(layers, ap["cos"]):
+            out.append(f"  {L:>4}" + "".join(f" {v:>+6.3f}" if v is not None else f" {'-':>6}" for v in row))
+    return out
 
 
 def _rank_tables(st: StackResult, pairs: dict[int, dict[str, PairStats]]) -> list[str]:
@@ -109,6 +136,7 @@ def scan_text(result: ScanResult) -> str:
         st = result.stacks[name]
         out.append(f"##### stack {name}: layers {st.layers[0]}..{st.layers[-1]}")
         out += stack_tables(st)
+        out += all_pairs_tables(st, result.settings.get("families") or [])
         for s in st.skipped:
             where = f"layer {s.layer}" if s.layer is not None else f"pair {s.L}->{s.L_next}"
             out.append(f"  skipped {s.family or s.raw} {where}: {s.reason}")

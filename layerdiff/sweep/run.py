@@ -6,10 +6,11 @@
 
 Locally the work runs one piece after another, each in the engine's process
 pool within the budget (the pool already fills the cores; two pieces at once
-would have to halve the budget). On a dask.distributed cluster each piece is a
-task (one per checkpoint scan and one per drift); when there are fewer pieces
-than worker threads, each is cut into tasks over groups of its segments, whose
-per-segment sums are added up here. A task opens its checkpoint where its
+would have to halve the budget). A drift is `layerdiff.diff(reference,
+checkpoint)`. On a dask.distributed cluster each piece is a task (one per
+checkpoint scan and one per drift); when there are fewer pieces than twice the
+worker threads, each scan (by the chain pass alone) is cut into tasks over
+groups of its segments, whose per-segment sums are added up here. A task opens its checkpoint where its
 worker sees it (the same path, or its own hub cache), checks that it is the
 same checkpoint (commit, or file sizes and mtimes), plans within --max-memory
 in its worker process (one layerdiff task per worker process at a time, in
@@ -26,11 +27,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 
 from .. import errors
 from ..api import Model, ScanJob, open_model, plan, scan_options
 from ..checkpoint.index import first_line
+from ..compare.result import DiffResult
+from ..compare.run import DiffJob, plan_diff
 from ..engine import chain
 from ..engine.plan import Plan
 from ..errors import LayerdiffError, SelectionError
@@ -38,13 +40,10 @@ from ..options import ScanOptions
 from ..output import check_writable
 from ..result import ScanResult
 from . import store
-from .drift import DriftJob, plan_drift, rows_doc
-from .drift import execute as drift_execute
 from .revisions import Checkpoint, expand, split_spec
 from .table import COLUMNS
 
 REFERENCES = ("first", "previous", "last")
-STANDIN = "layerdiff.sweep.drift (stand-in for layerdiff.diff)"
 DASK_TIMEOUT = 5.0  # seconds to reach a scheduler, or to see a worker
 Progress = Callable[[int, int], None]  # bytes done since the last call, checkpoints finished so far
 
@@ -79,13 +78,14 @@ class SweepResult:
         return ScanResult.from_dict(store.Store(self.out_dir).load(e.scan_file, store.SCAN_DOC)["result"],  # type: ignore[index]
                                     str(e.scan_file))
 
-    def drift(self, checkpoint: str | int) -> list[tuple[str, str, int, str, float]]:
-        """A checkpoint's drift rows (stack, family, L, metric, value); [] for its own reference."""
+    def drift(self, checkpoint: str | int) -> list[tuple[str, str, int, str, Any]]:
+        """A checkpoint's drift rows (stack, family, L, metric, value), from `layerdiff.diff(reference,
+        checkpoint)`: rel_change is |W - W_ref| / |W_ref|; [] for its own reference."""
         e = self._entry(checkpoint)
         if e.drift_file is None:
             return []
         doc = store.Store(self.out_dir).load(e.drift_file, store.DRIFT_DOC)
-        return [tuple(r) for r in doc["rows"]] if doc else []  # type: ignore[misc]
+        return DiffResult.from_dict(doc["result"], str(e.drift_file)).rows() if doc else []
 
     def _entry(self, checkpoint: str | int) -> Entry:
         if isinstance(checkpoint, int):
@@ -131,16 +131,17 @@ class Work:
     reference: Checkpoint | None
     identity: dict[str, Any]
     reference_identity: dict[str, Any] | None
-    job: ScanJob | DriftJob
+    job: ScanJob | DiffJob
     head: dict[str, Any]  # the stored document's fields besides the result
 
     @property
     def splittable(self) -> bool:
-        return isinstance(self.job, DriftJob) or self.job.rank_plan is None
+        """A scan by the chain pass alone: its per-segment sums are all there is to add up."""
+        j = self.job
+        return isinstance(j, ScanJob) and j.rank_plan is None and j.centred_plan is None and not j.options.all_pairs
 
     def document(self, result: Any) -> dict[str, Any]:
-        body = {"result": result.to_dict()} if isinstance(result, ScanResult) else rows_doc(result)
-        return {**self.head, **body}
+        return {**self.head, "result": result.to_dict()}
 
 
 @dataclass
@@ -205,7 +206,7 @@ class _Tracker:
 
 
 def _options(options: dict[str, Any]) -> ScanOptions:
-    """ScanOptions from the sweep's options, passed through as they are (so `gram` works once scan has it)."""
+    """ScanOptions from the sweep's options: any that `scan_options` takes, passed through as they are."""
     import inspect
 
     known = inspect.signature(scan_options).parameters
@@ -251,7 +252,8 @@ def plan_sweep(models: str | list[str] | tuple[str, ...], *, out_dir: str | Path
     for r in refs:
         if r is not None and r.spec not in idents:
             idents[r.spec] = store.identity(model(r))
-    scan_settings, drift_settings = store.scan_settings(opts), store.drift_settings(opts)
+    scan_settings = store.scan_settings(opts)
+    drift_settings = {k: v for k, v in scan_settings.items() if k != "all_pairs"}  # diff has no all-pairs
     entries: list[Entry] = []
     works: dict[Path, Work] = {}
     reused: list[Path] = []
@@ -277,14 +279,14 @@ def plan_sweep(models: str | list[str] | tuple[str, ...], *, out_dir: str | Path
                 reused.append(path)
                 continue
             if kind == "scan":
-                job: ScanJob | DriftJob = plan(model(ck), opts)
+                job: ScanJob | DiffJob = plan(model(ck), opts)
                 doc = {"schema": store.SCAN_DOC, **head, "settings": scan_settings}
                 works[path] = Work(kind, path, ck, None, ident, None, job, doc)
             else:
                 assert ref is not None
-                job = plan_drift(model(ck), model(ref), opts)
+                job = plan_diff(model(ref), model(ck), opts)  # A = the reference: rel_change = |W - W_ref| / |W_ref|
                 doc = {"schema": store.DRIFT_DOC, **head, "reference": ref.spec,
-                       "reference_identity": idents[ref.spec], "settings": drift_settings, "computed_by": STANDIN}
+                       "reference_identity": idents[ref.spec], "settings": drift_settings}
                 works[path] = Work(kind, path, ck, ref, ident, idents[ref.spec], job, doc)
     return SweepJob(st, entries, reference, list(works.values()), reused, opts, cache_dir)
 
@@ -298,16 +300,7 @@ def sweep(models: str | list[str] | tuple[str, ...], *, out_dir: str | Path, rev
 
     `table`: also write the tidy table (.csv, .parquet); `plot`: the drift figure
     (.png, .svg); `dask`: a dask.distributed scheduler address to run the work on."""
-    from .table import check_table_path
-
-    if table is not None:
-        check_table_path(Path(table))
-    if plot is not None:
-        from .plot import check_plot
-
-        check_plot(Path(plot))
-    if dask:
-        _dask_modules()
+    check_outputs(table, plot, dask)
     job = plan_sweep(models, out_dir=out_dir, revisions=revisions, reference=reference, cache_dir=cache_dir,
                      **options)
     result = job.run(progress, dask)
@@ -318,6 +311,20 @@ def sweep(models: str | list[str] | tuple[str, ...], *, out_dir: str | Path, rev
 
         plot_sweep(result, Path(plot))
     return result
+
+
+def check_outputs(table: str | Path | None, plot: str | Path | None, dask: str | None) -> None:
+    """Before any work: the table's and the plot's formats and extras, and the dask extra."""
+    if table is not None:
+        from .table import check_table_path
+
+        check_table_path(Path(table))
+    if plot is not None:
+        from .plot import check_plot
+
+        check_plot(Path(plot))
+    if dask:
+        _dask_modules()
 
 
 # --- dask.distributed ------------------------------------------------------------------------------
@@ -358,18 +365,14 @@ def _remote(kind: str, ck: Checkpoint, ref: Checkpoint | None, cache_dir: str | 
         return m
 
     m = opened(ck, ident)
-    job: ScanJob | DriftJob
-    if kind == "scan":
-        job = plan(m, options)
-    else:
+    if kind == "drift":
         assert ref is not None and ref_ident is not None
-        job = plan_drift(m, opened(ref, ref_ident), options)
+        return {"result": plan_diff(opened(ref, ref_ident), m, options).run().to_dict()}
+    job = plan(m, options)
     if group is None:
-        result = job.run()
-        return {"result": result.to_dict() if isinstance(result, ScanResult) else rows_doc(result)}
+        return {"result": job.run().to_dict()}
     p = job.plan
-    sub = Plan([p.segments[i] for i in group], [], 1, p.block)
-    totals, io = (chain.execute(sub) if kind == "scan" else drift_execute(sub))
+    totals, io = chain.execute(Plan([p.segments[i] for i in group], [], 1, p.block))
     return {"segments": len(p.segments), "totals": totals, "io": io}
 
 
@@ -441,8 +444,7 @@ def _run_dask(job: SweepJob, address: str, tracker: _Tracker) -> None:
                 if "error" in out:
                     _raise(out["error"])
                 if g is None:
-                    body = out["result"] if w.kind == "drift" else {"result": out["result"]}
-                    job.store.save(w.path, {**w.head, **body})
+                    job.store.save(w.path, {**w.head, "result": out["result"]})
                     tracker.bytes(w.job.total)
                     tracker.finished(w)
                     continue
@@ -459,10 +461,8 @@ def _run_dask(job: SweepJob, address: str, tracker: _Tracker) -> None:
                     part["io"][name] = part["io"].get(name, 0) + v
                 part["left"] -= 1
                 if not part["left"]:
-                    if isinstance(w.job, DriftJob):
-                        result: Any = w.job.result(part["totals"], part["io"])
-                    else:
-                        result = w.job.result(part["totals"], part["io"], None, time.perf_counter() - started)
+                    assert isinstance(w.job, ScanJob)
+                    result = w.job.result(part["totals"], part["io"], None, time.perf_counter() - started)
                     job.store.save(w.path, w.document(result))
                     tracker.finished(w)
         finally:

@@ -63,11 +63,6 @@ def scan_settings(options: ScanOptions) -> dict[str, Any]:
     return d
 
 
-def drift_settings(options: ScanOptions) -> dict[str, Any]:
-    return {"stacks": sorted(options.stacks), "families": sorted(options.families),
-            "layers": list(options.layers) if options.layers else None}
-
-
 def key(*parts: Any) -> str:
     blob = json.dumps([STORE, SCHEMA, *parts], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
