@@ -104,7 +104,8 @@ class Store:
             doc = read_json(path, "sweep result")
         except FormatError:
             return None
-        return doc if isinstance(doc, dict) and doc.get("schema") == schema else None
+        ok = isinstance(doc, dict) and doc.get("schema") == schema and isinstance(doc.get("result"), dict)
+        return doc if ok else None
 
     def save(self, path: Path, doc: dict[str, Any]) -> None:
         write_json(path, doc)
