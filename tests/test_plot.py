@@ -193,11 +193,12 @@ def test_heatmaps_of_all_pairs_and_gram_cos_name_every_family(tmp_path):
     import layerdiff
     from matplotlib.image import AxesImage
 
-    result = layerdiff.scan(str(FIXTURES / "hf" / "qwen3_moe"), all_pairs=True, gram=True).to_dict()
+    result = layerdiff.scan(str(FIXTURES / "hf" / "qwen3_moe"), all_pairs=True, gram=True, max_memory="2G").to_dict()
     st = result["stacks"]["model.layers"]
     fig = make_figure(result)
     images = fig.findobj(AxesImage)
-    assert len(images) == 2 + len(st["all_pairs"])  # cos and gram_cos grids, one matrix per family
+    matrices = len(st["all_pairs"]) + sum("gram_cos" in a for a in st["all_pairs"].values())
+    assert len(images) == 2 + matrices  # cos and gram_cos grids, then the L x L matrices (cos, gram_cos)
     grid_axes = [im.axes for im in images[:2]]
     for ax, key in zip(grid_axes, ("cos", "gram_cos")):
         shown = {t.get_text() for t in ax.get_yticklabels()}
@@ -216,7 +217,7 @@ def test_diff_heatmaps(tmp_path, rng):
     from layerdiff.present.heatmaps import diff_figure
     from layerdiff.present.plot import plot_diff
 
-    r = layerdiff.diff(str(FIXTURES / "hf" / "qwen3"), str(FIXTURES / "hf" / "qwen3"))
+    r = layerdiff.diff(str(FIXTURES / "hf" / "qwen3"), str(FIXTURES / "hf" / "qwen3"), max_memory="2G")
     fig = diff_figure(r)
     assert len(fig.findobj(AxesImage)) == 2  # rel_change and cos per stack
     plot_diff(r, tmp_path / "d.png")

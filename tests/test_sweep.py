@@ -22,6 +22,13 @@ from layerdiff.sweep import revisions as rv
 from layerdiff.sweep.table import COLUMNS, read_table
 
 ORDER = ["step0", "step1000", "step3000", "step20000", "step100000"]
+MEM = "1G"  # in this (pytest) process, whose resident memory grows over a whole suite run
+
+
+def sweep(*args, **kwargs):
+    """layerdiff.sweep with a budget the pytest process fits in (the budget is not what is tested here)."""
+    kwargs.setdefault("max_memory", MEM)
+    return layerdiff.sweep(*args, **kwargs)
 
 
 @pytest.fixture
@@ -107,7 +114,7 @@ def _drift64(a: dict, b: dict) -> dict:
 def test_table_against_float64(offline, tmp_path):
     cache, commits = offline
     table = tmp_path / "t.csv"
-    result = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "out", table=table, jobs=2)
+    result = sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "out", table=table, jobs=2)
     with open(table, newline="") as f:
         assert tuple(next(csv.reader(f))) == COLUMNS
     rows = read_table(table)
@@ -152,7 +159,7 @@ def test_table_against_float64(offline, tmp_path):
 def test_parquet_table_equals_csv(offline, tmp_path):
     pytest.importorskip("pyarrow")
     out = tmp_path / "out"
-    a = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=out, table=tmp_path / "t.csv", jobs=1)
+    a = sweep(REPO, revisions=r"step\d+", out_dir=out, table=tmp_path / "t.csv", jobs=1)
     a.write_table(tmp_path / "t.parquet")
     assert read_table(tmp_path / "t.parquet") == read_table(tmp_path / "t.csv")
     import pyarrow.parquet as pq
@@ -166,22 +173,22 @@ def test_references(tmp_path):
     dirs = training_run(tmp_path / "src", steps=("step0", "step1000", "step3000"))
     models = [str(d) for d in dirs.values()]
     out = tmp_path / "out"
-    prev = layerdiff.sweep(models, out_dir=out, reference="previous", jobs=1)
+    prev = sweep(models, out_dir=out, reference="previous", jobs=1)
     assert [e.reference for e in prev.entries] == [None, models[0], models[1]]
-    last = layerdiff.sweep(models, out_dir=out, reference="last", jobs=1)
+    last = sweep(models, out_dir=out, reference="last", jobs=1)
     assert [e.reference for e in last.entries] == [models[2], models[2], None]
     assert not set(last.computed) & {e.scan_file for e in last.entries}  # the scans were done already
-    other = layerdiff.sweep(models[1:], out_dir=out, reference=models[0], jobs=1)
+    other = sweep(models[1:], out_dir=out, reference=models[0], jobs=1)
     assert [e.reference for e in other.entries] == [models[0], models[0]]
     # Drift against the first checkpoint, named or implied, is the same file.
-    first = layerdiff.sweep(models, out_dir=out, jobs=1)
+    first = sweep(models, out_dir=out, jobs=1)
     assert [e.drift_file for e in first.entries[1:]] == [e.drift_file for e in other.entries]
     assert first.drift(models[2]) == other.drift(models[2]) != []
 
 
 def test_hub_and_local_of_the_same_checkpoint(offline, tmp_path):
     """A hub revision is keyed by its commit, a path by its files: both scanned, same numbers."""
-    r = layerdiff.sweep([f"{REPO}@step1000", str(tmp_path / "src" / "step1000")], out_dir=tmp_path / "o", jobs=1)
+    r = sweep([f"{REPO}@step1000", str(tmp_path / "src" / "step1000")], out_dir=tmp_path / "o", jobs=1)
     a, b = (list(r.scan(i).rows()) for i in range(2))
     assert a == b and r.entries[0].scan_file != r.entries[1].scan_file
     assert r.entries[1].reference == f"{REPO}@step1000"  # another source, the same content: no drift at all
@@ -194,18 +201,18 @@ def test_hub_and_local_of_the_same_checkpoint(offline, tmp_path):
 
 def test_rerun_recomputes_nothing_and_touches_nothing(offline, tmp_path):
     out = tmp_path / "out"
-    first = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1)
+    first = sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1)
     assert len(first.computed) == 5 + 4 and not first.reused
     files = sorted(out.iterdir())
     before = {p: p.stat().st_mtime_ns for p in files}
     time.sleep(0.02)
-    again = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1)
+    again = sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1)
     assert again.computed == [] and sorted(again.reused) == files
     assert {p: p.stat().st_mtime_ns for p in sorted(out.iterdir())} == before
     assert list(again.rows()) == list(first.rows())
     # Other options are other results; the budget and the workers are not.
-    assert layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=out, max_memory="512M", jobs=2).computed == []
-    more = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1, layers="0:2")
+    assert sweep(REPO, revisions=r"step\d+", out_dir=out, max_memory="512M", jobs=2).computed == []
+    more = sweep(REPO, revisions=r"step\d+", out_dir=out, jobs=1, layers="0:2")
     assert len(more.computed) == 9
 
 
@@ -213,10 +220,10 @@ def test_local_checkpoint_changed_on_disk_is_recomputed(tmp_path):
     dirs = training_run(tmp_path / "src", steps=("step0", "step1000"))
     models = [str(d) for d in dirs.values()]
     out = tmp_path / "out"
-    layerdiff.sweep(models, out_dir=out, jobs=1)
+    sweep(models, out_dir=out, jobs=1)
     shard = dirs["step1000"] / "model.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    again = layerdiff.sweep(models, out_dir=out, jobs=1)
+    again = sweep(models, out_dir=out, jobs=1)
     assert sorted(p.name[:5] for p in again.computed) == ["drift", "scan-"]  # step1000's scan and drift
 
 
@@ -229,7 +236,7 @@ def test_leftover_temp_files_are_ignored_then_cleaned(tmp_path):
     for p in (old, fresh):
         p.write_text('{"schema": "layerdiff.sweep.scan/1", "trunc')
     os.utime(old, (time.time() - 3600, time.time() - 3600))
-    layerdiff.sweep([str(d) for d in dirs.values()], out_dir=out, jobs=1)
+    sweep([str(d) for d in dirs.values()], out_dir=out, jobs=1)
     assert not old.exists() and fresh.exists()  # a fresh one may be a live writer's
 
 
@@ -269,7 +276,7 @@ def test_sigkill_halfway_resumes_without_partial_files(tmp_path):
     assert r.returncode == 0, r.stderr
     assert {f: f.stat().st_mtime_ns for f in done} == done  # finished files untouched
     assert len(list(out.glob("*.json"))) == 11 and not list(out.glob(".*.tmp"))
-    fresh = layerdiff.sweep(models, out_dir=tmp_path / "fresh", table=tmp_path / "fresh.csv", jobs=1)
+    fresh = sweep(models, out_dir=tmp_path / "fresh", table=tmp_path / "fresh.csv", jobs=1)
     assert read_table(tmp_path / "t.csv") == read_table(tmp_path / "fresh.csv") == list(fresh.rows())
 
 
@@ -303,12 +310,12 @@ def test_cli_errors_are_one_line(tmp_path, args, message):
 
 def test_rank_and_gram_add_their_metrics(tmp_path):
     dirs = training_run(tmp_path / "src", steps=("step0", "step50000"))
-    r = layerdiff.sweep([str(d) for d in dirs.values()], out_dir=tmp_path / "o", rank=True, gram=True, jobs=1)
+    r = sweep([str(d) for d in dirs.values()], out_dir=tmp_path / "o", rank=True, gram=True, jobs=1)
     metrics = {row[7] for row in r.rows()}
     assert {"resid_eff_rank", "resid_spec_entropy", "resid_stable_rank", "gram_cos"} <= metrics
     assert {"drift_delta_eff_rank", "drift_delta_stable_rank", "drift_gram_cos"} <= metrics
     with pytest.raises(SelectionError, match="no_such: this layerdiff's scan has no such option"):
-        layerdiff.sweep(str(dirs["step0"]), out_dir=tmp_path / "o", no_such=1)
+        sweep(str(dirs["step0"]), out_dir=tmp_path / "o", no_such=1)
 
 
 def test_missing_extras_are_one_line_errors(monkeypatch, tmp_path):
@@ -329,9 +336,9 @@ def test_missing_extras_are_one_line_errors(monkeypatch, tmp_path):
 def test_out_dir_may_not_be_inside_a_checkpoint(tmp_path):
     dirs = training_run(tmp_path / "src", steps=("step0",))
     with pytest.raises(LayerdiffError, match="refusing to write into the checkpoint directory"):
-        layerdiff.sweep(str(dirs["step0"]), out_dir=dirs["step0"] / "sweep")
+        sweep(str(dirs["step0"]), out_dir=dirs["step0"] / "sweep")
     with pytest.raises(LayerdiffError, match="refusing to write into the checkpoint directory"):
-        layerdiff.sweep(str(dirs["step0"]), out_dir=dirs["step0"])
+        sweep(str(dirs["step0"]), out_dir=dirs["step0"])
 
 
 def test_api_exports():
@@ -350,7 +357,7 @@ def test_plot(offline, tmp_path):
     from layerdiff.sweep.plot import make_figure
 
     png = tmp_path / "sweep.png"
-    result = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "o", plot=png, jobs=1)
+    result = sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "o", plot=png, jobs=1)
     img = imread(png)
     assert img.shape[0] > 500 and img.shape[1] > 1000 and img[..., :3].std() > 0.05
     fig = make_figure(result)

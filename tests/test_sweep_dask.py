@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -14,13 +15,20 @@ import pytest
 from conftest import run_cli
 from sweep_helpers import REPO, hub_run, training_run
 
-pytest.importorskip("distributed")
+if importlib.util.find_spec("distributed") is None:  # looked up, not imported: 30 MiB more for every later test
+    pytest.skip("needs layerdiff[dask]", allow_module_level=True)
 
 import layerdiff  # noqa: E402
 from layerdiff.sweep.table import read_table  # noqa: E402
 
 DASK = str(Path(sys.executable).with_name("dask"))
 START_TIMEOUT = 90
+MEM = "1G"  # the client plans in this (pytest) process, whose resident memory grows over a suite run
+
+
+def sweep(*args, **kwargs):
+    kwargs.setdefault("max_memory", MEM)
+    return layerdiff.sweep(*args, **kwargs)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -87,13 +95,13 @@ def offline(cluster, monkeypatch):
 
 def test_dask_table_equals_the_local_run(offline, tmp_path):
     """One task per checkpoint (5 scans, 4 drifts on 2 workers), read from the workers' own hub cache."""
-    local = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "local", table=tmp_path / "local.csv",
+    local = sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "local", table=tmp_path / "local.csv",
                             jobs=2)
-    remote = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "dask", table=tmp_path / "dask.csv",
+    remote = sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "dask", table=tmp_path / "dask.csv",
                              dask=offline["address"])
     assert len(remote.computed) == 9
     assert read_table(tmp_path / "dask.csv") == read_table(tmp_path / "local.csv") == list(local.rows())
-    again = layerdiff.sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "dask", dask=offline["address"])
+    again = sweep(REPO, revisions=r"step\d+", out_dir=tmp_path / "dask", dask=offline["address"])
     assert again.computed == [] and len(again.reused) == 9
 
 
@@ -118,8 +126,8 @@ def test_one_large_checkpoint_is_cut_into_segment_tasks(offline, tmp_path, monke
     connect = run._connect
     monkeypatch.setattr(run, "_connect", lambda address: Spy(connect(address)))
     a, b = str(offline["src"] / "step0"), str(offline["src"] / "step100000")
-    local = layerdiff.sweep([a, b], out_dir=tmp_path / "local", table=tmp_path / "local.csv", jobs=1)
-    remote = layerdiff.sweep([a, b], out_dir=tmp_path / "dask", table=tmp_path / "dask.csv",
+    local = sweep([a, b], out_dir=tmp_path / "local", table=tmp_path / "local.csv", jobs=1)
+    remote = sweep([a, b], out_dir=tmp_path / "dask", table=tmp_path / "dask.csv",
                              dask=offline["address"])
     groups = [g for g in submitted if g is not None]
     assert len(groups) == 4 and submitted.count(None) == 1  # 2 scans cut in 2 (4 tasks wanted), the drift whole
@@ -137,7 +145,7 @@ def test_cli_dask_and_a_worker_that_sees_other_files(offline, tmp_path):
     import layerdiff.sweep.run as run
     from layerdiff.errors import LayerdiffError
 
-    job = layerdiff.sweep.plan_sweep([str(d) for d in dirs.values()], out_dir=tmp_path / "o2")
+    job = layerdiff.sweep.plan_sweep([str(d) for d in dirs.values()], out_dir=tmp_path / "o2", max_memory=MEM)
     shard = dirs["step1000"] / "model.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     with pytest.raises(LayerdiffError, match="the worker on .* sees other files than the client"):

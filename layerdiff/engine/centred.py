@@ -23,7 +23,7 @@ three d x d matrices and O(rows cols d) flops per layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -33,8 +33,9 @@ from ..errors import BudgetError
 from ..layout import Layout
 from ..options import ScanOptions
 from . import pool
-from .budget import MiB, rss_bytes
-from .gram import BASE_GROWTH, BLOCK_BYTES, MIN_BLOCK_ROWS, ROW_CHUNK, SLACK, SyrkGram, itemsize_of, pair_blocks, part_dims
+from .budget import MiB, rss_bytes, usable_cpus
+from .gram import (BASE_GROWTH, BLOCK_BYTES, MIN_BLOCK_ROWS, ROW_CHUNK, SLACK, SyrkGram, itemsize_of, layer_blocks,
+                   pair_blocks, part_dims)
 from .plan import Plan, Segment
 
 
@@ -66,6 +67,10 @@ class CentredPlan:
     tasks: list[CentredTask]
     jobs: int
     left_out: dict[tuple[str, str], str]  # (stack, family) -> why it has no gram_cos
+    # All pairs (with all_pairs): tasks on the residual side that keep every layer's Gram,
+    # and the families whose L Grams do not fit, with the size they need.
+    matrix_tasks: list[CentredTask] = field(default_factory=list)
+    matrix_left_out: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def total_bytes(self, plan: Plan) -> int:
         """Progress units: both layers of every pair, decoded."""
@@ -73,7 +78,8 @@ class CentredPlan:
 
     def describe(self) -> dict[str, Any]:
         return {"families": len(self.tasks), "workers": self.jobs,
-                "left_out": {f"{s} {f}": why for (s, f), why in self.left_out.items()}}
+                "left_out": {f"{s} {f}": why for (s, f), why in self.left_out.items()},
+                "all_pairs_left_out": {f"{s} {f}": why for (s, f), why in self.matrix_left_out.items()}}
 
 
 def task_bytes(t: CentredTask, seg: Segment) -> int:
@@ -118,7 +124,21 @@ def plan_centred(plan: Plan, layout: Layout, options: ScanOptions) -> CentredPla
                                                 f"and {max(room, 0) // MiB} MiB are left")
             tasks.append(CentredTask(si, pi, part.family, m, n, side, residual, step, need))
     jobs = plan.jobs if plan.jobs > 1 and all(t.need <= share for t in tasks) else 1
-    return CentredPlan(tasks, jobs, left_out)
+    cp = CentredPlan(tasks, jobs, left_out)
+    if options.all_pairs:
+        for t in tasks:
+            seg = plan.segments[t.seg]
+            d = t.n if t.residual == "cols" else t.m
+            step, need = _need(t.m, t.n, t.residual, False, itemsize_of(seg))
+            need += (len(seg.layers) - 1) * d * d * 8  # every layer's Gram kept
+            if need <= room:
+                cp.matrix_tasks.append(CentredTask(t.seg, t.part, t.family, t.m, t.n, t.residual, t.residual, step,
+                                                   need))
+            else:
+                cp.matrix_left_out[(seg.stack, t.family)] = (
+                    f"the L x L gram_cos needs {len(seg.layers)} Grams of {d}x{d}: {-(-need // MiB)} MiB, "
+                    f"more than the {max(room, 0) // MiB} MiB left of --max-memory")
+    return cp
 
 
 def _sym_dot(a: np.ndarray, b: np.ndarray) -> float:
@@ -175,6 +195,26 @@ def run_task(task: CentredTask, seg: Segment, reader: Reader) -> list[float | No
     return out
 
 
+def gram_matrix(task: CentredTask, seg: Segment, reader: Reader) -> list[list[float | None]]:
+    """gram_cos of every pair of layers: each layer's residual-side Gram kept (planned to fit)."""
+    acc = SyrkGram(task.d if task.side == task.residual else max(task.m, task.n), task.side)
+    d = acc.d
+    width = task.n if task.side == "cols" else task.m
+    buf = np.empty(task.step * width)
+    grams = np.zeros((len(seg.layers), d, d))
+    traces = np.zeros(len(seg.layers))
+    lower = np.tril_indices(d, -1)
+    for i in range(len(seg.layers)):
+        for x in layer_blocks(reader, seg, task, i, buf):
+            acc.add(grams[i], x)
+            traces[i] += float(np.dot(x.reshape(-1), x.reshape(-1)))
+        grams[i][lower] = grams[i].T[lower]  # syrk fills the upper triangle
+    flat = grams.reshape(len(seg.layers), -1)
+    inner = flat @ flat.T
+    return [[gram_cos(float(inner[i, j]), float(inner[i, i]), float(inner[j, j]), traces[i], traces[j], d)
+             for j in range(len(seg.layers))] for i in range(len(seg.layers))]
+
+
 def _pool_run(i: int) -> tuple[int, list[float | None]]:
     segments, tasks = pool.STATE["payload"]
     with np.errstate(all="ignore"):
@@ -185,11 +225,26 @@ def run_centred(plan: Plan, cp: CentredPlan, progress: Callable[[int], None] | N
                 ) -> dict[tuple[int, int, int], dict[str, Any]]:
     """gram_cos per (segment, part, pair)."""
     out: dict[tuple[int, int, int], dict[str, Any]] = {}
+    # One task at a time in this process: all cores' BLAS threads on it; in workers, one each.
+    threads = 1 if cp.jobs > 1 else usable_cpus()
     for i, values in pool.run(_pool_run, range(len(cp.tasks)), cp.jobs, pool.init_state,
-                              ((plan.segments, cp.tasks),)):
+                              ((plan.segments, cp.tasks), threads)):
         t = cp.tasks[i]
         for j, v in enumerate(values):
             out[(t.seg, t.part, j)] = {"gram_cos": v}
         if progress is not None:
             progress(task_bytes(t, plan.segments[t.seg]))
+    return out
+
+
+def run_matrices(plan: Plan, cp: CentredPlan) -> dict[tuple[int, int], list[list[float | None]]]:
+    """The L x L gram_cos of every family that fits, one at a time in this process (all cores' BLAS)."""
+    out: dict[tuple[int, int], list[list[float | None]]] = {}
+    pool.init_state(None, blas_threads=usable_cpus())
+    try:
+        for t in cp.matrix_tasks:
+            with np.errstate(all="ignore"):
+                out[(t.seg, t.part)] = gram_matrix(t, plan.segments[t.seg], pool.STATE["reader"])
+    finally:
+        pool.close_state()
     return out

@@ -62,7 +62,7 @@ import ctypes
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -395,9 +395,9 @@ def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: 
         block.decode(spans, c0, c1, out)
 
 
-def pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int, bufa: np.ndarray, bufb: np.ndarray):
-    """Decoded float64 blocks (a, b) of layers ia and ib: (rows x n) row blocks on
-    the "cols" side, (m x cols) column blocks on the "rows" side."""
+def layer_blocks(reader: Reader, seg: Segment, task: Any, i: int, buf: np.ndarray) -> Iterator[np.ndarray]:
+    """Decoded float64 blocks of layer i's part: (rows x n) row blocks on the "cols"
+    side, (m x cols) column blocks on the "rows" side. `task` gives part, side, step, m."""
     part = seg.parts[task.part]
     rows, cols = grid(seg.shape)
     c0, c1 = part.cols or (0, cols)
@@ -407,27 +407,27 @@ def pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int, 
             r1 = min(rows, r0 + task.step)
             spans = clip(part.rows, r0, r1)
             cnt = sum(b - a for a, b in spans)
-            if not cnt:
-                continue
-            xa, xb = bufa[: cnt * n], bufb[: cnt * n]
-            _decode_rows(reader, seg, ia, r0, r1, spans, c0, c1, xa)
-            _decode_rows(reader, seg, ib, r0, r1, spans, c0, c1, xb)
-            yield xa.reshape(cnt, n), xb.reshape(cnt, n)
+            if cnt:
+                _decode_rows(reader, seg, i, r0, r1, spans, c0, c1, buf[: cnt * n])
+                yield buf[: cnt * n].reshape(cnt, n)
     else:
-        m = task.m
         for q0 in range(c0, c1, task.step):
-            q1 = min(c1, q0 + task.step)
-            w = q1 - q0
-            for i, buf in ((ia, bufa), (ib, bufb)):
-                k = 0
-                for r0 in range(0, rows, ROW_CHUNK):
-                    r1 = min(rows, r0 + ROW_CHUNK)
-                    spans = clip(part.rows, r0, r1)
-                    cnt = sum(b - a for a, b in spans)
-                    if cnt:
-                        _decode_rows(reader, seg, i, r0, r1, spans, q0, q1, buf[k : k + cnt * w])
-                        k += cnt * w
-            yield bufa[: m * w].reshape(m, w), bufb[: m * w].reshape(m, w)
+            w = min(c1, q0 + task.step) - q0
+            k = 0
+            for r0 in range(0, rows, ROW_CHUNK):
+                r1 = min(rows, r0 + ROW_CHUNK)
+                spans = clip(part.rows, r0, r1)
+                cnt = sum(b - a for a, b in spans)
+                if cnt:
+                    _decode_rows(reader, seg, i, r0, r1, spans, q0, q0 + w, buf[k : k + cnt * w])
+                    k += cnt * w
+            yield buf[: task.m * w].reshape(task.m, w)
+
+
+def pair_blocks(reader: Reader, seg: Segment, task: Any, ia: int, ib: int, bufa: np.ndarray,
+                bufb: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The same blocks of layers ia and ib, side by side."""
+    yield from zip(layer_blocks(reader, seg, task, ia, bufa), layer_blocks(reader, seg, task, ib, bufb))
 
 
 def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,

@@ -6,20 +6,25 @@ one row of a K x n float64 matrix X, and X X^T adds that block's share of
 every inner product <W_i, W_j>; with `diff`, the difference B - A of the two
 rows adds |B - A|^2 (from the differences themselves, not from the norms,
 which would cancel), the count of equal values and the largest |B - A|.
-Every analysed byte is read once; K blocks per worker are alive.
+Every analysed byte is read once; K blocks per worker are alive. A diff of
+tensors stored without dequantisation scales goes straight from the mapped
+bytes through the fused kernel (`fused.diff_sums`): no decoded copies.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ..checkpoint.index import grid
-from . import pool
+from ..checkpoint.reader import Reader
+from . import fused, pool
 from .budget import read_bytes
-from .plan import Plan, clip
+from .chain import raw_pieces
+from .plan import Plan, Segment, clip
 
 # Per segment: inner products (parts x K x K), and with diff (parts x 3): |B-A|^2, equal values, max |B-A|.
 MultiTotals = list[tuple[np.ndarray, np.ndarray]]
@@ -47,8 +52,11 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
         spans = clip(part.rows, r0, r1)
         c0, c1 = part.cols or (0, cols)
         shares.append((spans, c0, c1, sum(b - a for a, b in spans) * (c1 - c0)))
-    x = _arena(k, sum(n for *_, n in shares))
     before = reader.bytes_mapped
+    if diff and not any(seg.scales):
+        gram, extra = _diff_raw(seg, reader, r0, r1, shares)
+        return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
+    x = _arena(k, sum(n for *_, n in shares))
     for i, t in enumerate(seg.tensors):
         with reader.block(t, r0, r1, seg.scales[i] if seg.scales else None, seg.scale_block) as block:
             off = 0
@@ -67,6 +75,24 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
                 d = xp[1] - xp[0]
                 extra[p] = (float(d @ d), float(np.count_nonzero(xp[1] == xp[0])), float(np.abs(d).max()))
     return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
+
+
+def _diff_raw(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[Any, ...]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A and B's blocks straight from the mapped bytes through the fused kernel (no decoded copies)."""
+    gram = np.zeros((len(shares), 2, 2))
+    extra = np.zeros((len(shares), 3))
+    (ta, tb) = seg.tensors
+    with reader.block(ta, r0, r1) as block_a, reader.block(tb, r0, r1) as block_b:
+        for p, (pa, pb) in enumerate(zip(raw_pieces(block_a, ta.dtype, shares, None),
+                                         raw_pieces(block_b, tb.dtype, shares, None))):
+            for (x, xc), (y, yc) in zip(pa, pb):
+                aa, bb, ab, dd, equal, most = fused.diff_sums(x, xc, y, yc)
+                gram[p] += ((aa, ab), (ab, bb))
+                extra[p, DIFF_SQ] += dd
+                extra[p, DIFF_EQUAL] += equal
+                extra[p, DIFF_MAX] = max(extra[p, DIFF_MAX], most) if not math.isnan(most) else math.nan
+    return gram, extra
 
 
 def execute(plan: Plan, diff: bool = False, progress: Callable[[int], None] | None = None

@@ -37,9 +37,11 @@ def cosine_matrix(g: np.ndarray) -> list[list[float | None]]:
     return out
 
 
-def with_all_pairs(st: StackResult, layout: Layout, plan: Plan, grams: list[tuple[np.ndarray, np.ndarray]]
-                   ) -> StackResult:
-    """The stack's result with `all_pairs[family] = {"layers", "cos"}` (all-experts families summed)."""
+def with_all_pairs(st: StackResult, layout: Layout, plan: Plan, grams: list[tuple[np.ndarray, np.ndarray]],
+                   gram_mats: dict[tuple[int, int], list[list[float | None]]] | None = None,
+                   gram_left_out: dict[tuple[str, str], str] | None = None) -> StackResult:
+    """The stack's result with `all_pairs[family] = {"layers", "cos"}` (all-experts families summed),
+    and with --gram `"gram_cos"` (or `"gram_cos_left_out"`: why not) for the families that have a role."""
     per: dict[str, tuple[list[int], np.ndarray]] = {}
     for seg, (g, _) in zip(plan.segments, grams):
         if seg.stack != st.name:
@@ -60,4 +62,12 @@ def with_all_pairs(st: StackResult, layout: Layout, plan: Plan, grams: list[tupl
             per[agg] = (per[members[0]][0], sum(per[f][1] for f in members))
     out: dict[str, dict[str, Any]] = {
         f: {"layers": per[f][0], "cos": cosine_matrix(per[f][1])} for f in st.families if f in per}
+    for (si, p), matrix in (gram_mats or {}).items():
+        seg = plan.segments[si]
+        fam = seg.parts[p].family
+        if seg.stack == st.name and fam in out and out[fam]["layers"] == list(seg.layers):
+            out[fam]["gram_cos"] = matrix
+    for (stack, fam), why in (gram_left_out or {}).items():
+        if stack == st.name and fam in out:
+            out[fam]["gram_cos_left_out"] = why
     return dataclasses.replace(st, all_pairs=out)

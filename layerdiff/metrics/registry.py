@@ -134,9 +134,12 @@ DIFF_METRICS: tuple[DiffMetric, ...] = (
 )
 # With --rank, the spectrum of D = B - A (None where not computed).
 # and with --gram, the centred Gram cosine of A and B.
-DELTA_METRICS = ("delta_eff_rank", "delta_stable_rank", "delta_rank_90", "delta_rank_99", "gram_cos")
+# With --rank-approx, `delta_rank_bounds` holds the sketch's guaranteed intervals.
+DELTA_METRICS = ("delta_eff_rank", "delta_stable_rank", "delta_rank_90", "delta_rank_99", "delta_rank_bounds",
+                 "gram_cos")
 DELTA_FROM_SPECTRUM = {"delta_eff_rank": "resid_eff_rank", "delta_stable_rank": "resid_stable_rank",
-                       "delta_rank_90": "resid_rank_90", "delta_rank_99": "resid_rank_99", "gram_cos": "gram_cos"}
+                       "delta_rank_90": "resid_rank_90", "delta_rank_99": "resid_rank_99",
+                       "delta_rank_bounds": "resid_rank_bounds", "gram_cos": "gram_cos"}
 
 
 def diff_values(sums: DiffSums, spectrum: Mapping[str, object] | None = None) -> dict[str, object]:

@@ -11,15 +11,15 @@ import math
 import textwrap
 from typing import Any, Callable
 
+from ..result import PairStats, StackResult
+
 MATRIX_COLS = 6  # small multiples per row of L x L matrices
 
 
 def _grouped(families: dict[str, Any]) -> list[str]:
-    """Matrices, then norms (1-D, not biases), then biases."""
+    """Matrices, then norms (1-D, not biases), then biases (`families`: name -> its shape)."""
     def kind(f: str) -> int:
-        info = families[f]
-        shape = info.shape if hasattr(info, "shape") else info.get("shape", [])
-        return 0 if len(shape) >= 2 else 2 if f.endswith(".bias") else 1
+        return 0 if len(families[f]) >= 2 else 2 if f.endswith(".bias") else 1
     return sorted(families, key=lambda f: (kind(f), list(families).index(f)))
 
 
@@ -45,42 +45,56 @@ def grid_panel(ax: Any, rows: list[str], cols: list[Any], value: Callable[[str, 
     return im
 
 
-def scan_heatmaps(container: Any, st: dict[str, Any]) -> None:
+def scan_heatmaps(container: Any, st: StackResult) -> None:
     """Adjacent cos (and gram_cos) per family x pair, then every family's L x L cosine matrix."""
-    pairs = {pr["L"]: pr["families"] for pr in st.get("pairs", [])}
-    fams = _grouped(st.get("families", {}))
+    pairs = st.pair_map()
+    fams = _grouped({f: i.shape for f, i in st.families.items()})
     has_gram = any(s.get("gram_cos") is not None for p in pairs.values() for s in p.values())
-    all_pairs = st.get("all_pairs") or {}
-    n_mat = len(all_pairs)
-    mat_rows = -(-n_mat // MATRIX_COLS)
+    all_pairs = st.all_pairs
+    mat_rows = matrix_count(st)
     top, bottom = container.subfigures(2, 1, height_ratios=[max(4, len(fams) * 0.18), 2.3 * mat_rows or 0.1])
     axes = top.subplots(1, 2 if has_gram else 1, squeeze=False)[0]
     pair_keys = list(pairs)
-    im = grid_panel(axes[0], fams, pair_keys, lambda f, L: pairs[L].get(f, {}).get("cos"),
+    im = grid_panel(axes[0], fams, pair_keys, lambda f, L: _value(pairs[L], f, "cos"),
                     "Adjacent-layer cosine per family", "layer pair L \u2192 L+1")
     top.colorbar(im, ax=axes[0], shrink=0.8, label="cos")
     if has_gram:
-        im = grid_panel(axes[1], fams, pair_keys, lambda f, L: pairs[L].get(f, {}).get("gram_cos"),
+        im = grid_panel(axes[1], fams, pair_keys, lambda f, L: _value(pairs[L], f, "gram_cos"),
                         "Adjacent-layer centred Gram cosine (blind to head / unit order)", "layer pair L \u2192 L+1")
         top.colorbar(im, ax=axes[1], shrink=0.8, label="gram_cos")
-    if not n_mat:
+    if not mat_rows:
         return
     mats = bottom.subplots(mat_rows, MATRIX_COLS, squeeze=False)
     names = [f for f in fams if f in all_pairs] + [f for f in all_pairs if f not in fams]
-    low = min((v for f in names for row in all_pairs[f]["cos"] for v in row if v is not None), default=0.0)
-    for ax, fam in zip(mats.ravel(), names):
+    panels = [(f, "cos") for f in names] + [(f, "gram_cos") for f in names if "gram_cos" in all_pairs[f]]
+    low = min((v for f, k in panels for row in all_pairs[f][k] for v in row if v is not None), default=0.0)
+    for ax, (fam, key) in zip(mats.ravel(), panels):
         ap = all_pairs[fam]
         layers = ap["layers"]
-        data = [[math.nan if v is None else v for v in row] for row in ap["cos"]]
-        im = ax.imshow(data, cmap="viridis", vmin=low, vmax=1, interpolation="nearest")
+        data = [[math.nan if v is None else v for v in row] for row in ap[key]]
+        im = ax.imshow(data, cmap="viridis", vmin=min(low, 0.0), vmax=1, interpolation="nearest")
         step = max(1, len(layers) // 6)
         ax.set_xticks(range(0, len(layers), step), [str(L) for L in layers][::step], fontsize=6)
         ax.set_yticks(range(0, len(layers), step), [str(L) for L in layers][::step], fontsize=6)
-        ax.set_title(fam, fontsize=8)
-    for ax in mats.ravel()[len(names):]:
+        ax.set_title(fam if key == "cos" else f"{fam} (gram_cos)", fontsize=8)
+    for ax in mats.ravel()[len(panels):]:
         ax.set_visible(False)
-    bottom.colorbar(im, ax=mats, shrink=0.6, label="cos(W_i, W_j)")
-    bottom.suptitle("Every pair of layers (--all-pairs): cos(W_i, W_j) per family, one colour scale", fontsize=10)
+    bottom.colorbar(im, ax=mats, shrink=0.6, label="cos / gram_cos of (W_i, W_j)")
+    left = [f for f in names if "gram_cos_left_out" in all_pairs[f]]
+    note = f"; no L x L gram_cos for {', '.join(left)} (too large for --max-memory, see the JSON)" if left else ""
+    bottom.suptitle("Every pair of layers (--all-pairs): cos, then gram_cos, per family, one colour scale" + note,
+                    fontsize=10)
+
+
+def _value(stats: dict[str, PairStats], family: str, key: str) -> float | None:
+    s = stats.get(family)
+    return s.get(key) if s is not None else None
+
+
+def matrix_count(st: StackResult) -> int:
+    """Rows of L x L small multiples below the scan plot."""
+    ap = st.all_pairs
+    return -(-(len(ap) + sum("gram_cos" in a for a in ap.values())) // MATRIX_COLS)
 
 
 def diff_figure(result: Any) -> Any:
@@ -97,8 +111,7 @@ def diff_figure(result: Any) -> Any:
     fig = Figure(figsize=(15, height + 1), layout="constrained")
     subs = fig.subfigures(max(len(panels), 1), 1, squeeze=False).ravel()
     for sub, (stack, fams, ranked, gram) in zip(subs, panels):
-        order = _grouped({f: {"shape": [0, 0] if any(v is not None for v in a["delta_rank_90"]) else []}
-                          for f, a in fams.items()}) if ranked else list(fams)
+        order = list(fams)
         metrics = [("rel_change", "relative change |B - A| / |A|", "magma_r", 0, None),
                    ("cos", "cos(A, B)", "viridis", None, None)]
         if ranked:

@@ -90,17 +90,22 @@ def _gram_tables(st: StackResult, pairs: dict[int, dict[str, PairStats]]) -> lis
 
 
 def all_pairs_tables(st: StackResult, families: list[str]) -> list[str]:
-    """The L x L cosine matrix of each family asked for (scan --all-pairs --family F)."""
+    """The L x L matrices of each family asked for (scan --all-pairs [--gram] --family F)."""
     out: list[str] = []
     for fam in families:
         ap = st.all_pairs.get(fam)
         if ap is None:
             continue
-        layers = ap["layers"]
-        out += ["", f"=== {fam}: cosine of every pair of layers (--all-pairs) ==="]
-        out.append("  " + f"{'L':>4}" + "".join(f" {L:>6}" for L in layers))
-        for L, row in zip(layers, ap["cos"]):
-            out.append(f"  {L:>4}" + "".join(f" {v:>+6.3f}" if v is not None else f" {'-':>6}" for v in row))
+        for key, what in (("cos", "cosine"), ("gram_cos", "centred Gram cosine")):
+            if key not in ap:
+                continue
+            layers = ap["layers"]
+            out += ["", f"=== {fam}: {what} of every pair of layers (--all-pairs) ==="]
+            out.append("  " + f"{'L':>4}" + "".join(f" {L:>6}" for L in layers))
+            for L, row in zip(layers, ap[key]):
+                out.append(f"  {L:>4}" + "".join(f" {v:>+6.3f}" if v is not None else f" {'-':>6}" for v in row))
+        if "gram_cos_left_out" in ap:
+            out.append(f"  {fam}: no L x L gram_cos: {ap['gram_cos_left_out']}")
     return out
 
 
