@@ -143,7 +143,7 @@ class ScanJob:
         run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source
         return ScanResult(source.spec if source else "", source.describe() if source else {}, layout.arch,
-                          main_name, stacks, settings, run)
+                          main_name, stacks, settings, run, layout.labels(list(stacks), main_name))
 
 
 def plan(model: Model, options: ScanOptions) -> ScanJob:

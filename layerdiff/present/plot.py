@@ -195,10 +195,21 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
         handles = handles + [_blank(ax_cos)]
     main.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
     model = result.model or result.source.get("spec") or "model"
-    arch = result.architecture
+    arch = _label(result, name)
     model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
     fig.suptitle(f"{model} \u2014 stack {name} ({len(layers)} layers{', ' + arch if arch else ''})", fontsize=12)
     return fig
+
+
+def _label(result: ScanResult, stack: str) -> str | None:
+    """The config's model_type and the table that named the stack: never another architecture's name alone."""
+    labels = result.labels
+    per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
+    table = per[stack].get("table") if isinstance(per.get(stack), dict) else result.architecture
+    model_type = labels.get("model_type")
+    if isinstance(model_type, str) and isinstance(table, str) and model_type != table:
+        return f"{model_type}, table {table}"
+    return table if isinstance(table, str) else None
 
 
 def _blank(ax: Any) -> Any:
