@@ -123,12 +123,20 @@ class ScanJob:
                 ranks = ranks or {}
                 ranks[key] = ranks.get(key, {}) | v
             gram_mats = centred.run_matrices(plan, self.centred_plan)
+        return self.result(totals, io, ranks, time.perf_counter() - started, grams, gram_mats)
+
+    def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,
+               seconds: float = 0.0, grams: Any = None, gram_mats: dict[tuple[int, int], Any] | None = None
+               ) -> ScanResult:
+        """The typed result from the passes' per-segment sums (which may come from
+        several runs over parts of the plan, added up: a sweep's distributed tasks)."""
+        plan, rplan = self.plan, self.rank_plan
         layout = self.model.layout
         stacks = {name: stack_result(name, layout, plan, totals, ranks)
                   for name in sorted({s.stack for s in plan.segments})}
         if grams is not None:
             left = self.centred_plan.matrix_left_out if self.centred_plan else {}
-            stacks = {name: with_all_pairs(st, layout, plan, grams, gram_mats, left) for name, st in stacks.items()}
+            stacks = {name: with_all_pairs(st, layout, plan, grams, gram_mats or {}, left) for name, st in stacks.items()}
         main = layout.main_stack()
         main_name = main.name if main and main.name in stacks else next(iter(stacks))
         o = self.options
@@ -138,7 +146,7 @@ class ScanJob:
             "rank": gram.describe(rplan) if rplan else None, "all_pairs": o.all_pairs,
             "gram": self.centred_plan.describe() if self.centred_plan else None,
         }
-        run = {"seconds": time.perf_counter() - started, "bytes_analysed": plan.bytes_total, **io}
+        run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source
         return ScanResult(source.spec if source else "", source.describe() if source else {}, layout.arch,
                           main_name, stacks, settings, run, layout.labels(list(stacks), main_name))
