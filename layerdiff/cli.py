@@ -130,7 +130,7 @@ def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, .
     """What changed from checkpoint A to B, tensor by tensor (A, B: paths or hub ids, org/name@REV)."""
     from .api import open_model, scan_options
     from .compare.run import plan_diff
-    from .output import check_writable, write_json
+    from .output import check_writable
     from .present.diff_text import diff_text
 
     options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
@@ -148,17 +148,7 @@ def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, .
     result = _with_progress(job, quiet, "diff")
     if not quiet:
         click.echo(diff_text(result))
-    doc = result.to_dict()
-    if plot is not None:
-        from .present.plot import plot_diff
-
-        plot_diff(result, plot)
-    if out is not None:
-        write_json(out, doc)
-    if not quiet:
-        for saved in (out, plot):
-            if saved is not None:
-                click.echo(f"Saved: {saved}")
+    _save(result.to_dict(), out, plot, lambda path: _plot_diff(result, path), quiet)
 
 
 def _with_progress(job: Any, quiet: bool, desc: str) -> Any:
@@ -274,7 +264,7 @@ def sweep(models: tuple[str, ...], revisions: str | None, reference: str, out_di
 
 def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
     from .api import plan
-    from .output import check_writable, write_json
+    from .output import check_writable
     from .present.tables import scan_text
 
     if out is not None:
@@ -287,11 +277,27 @@ def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Pat
     result = _with_progress(plan(model, options), quiet, "scan")  # plan fails up front if it cannot fit
     if not quiet:
         click.echo(scan_text(result))
-    doc = result.to_dict()
-    if plot is not None:  # first: if plotting fails, no JSON is left behind either
-        from .present.plot import plot_result
+    _save(result.to_dict(), out, plot, lambda path: _plot_scan(result, path), quiet)
 
-        plot_result(result, plot)
+
+def _plot_scan(result: Any, path: Path) -> None:
+    from .present.plot import plot_result
+
+    plot_result(result, path)
+
+
+def _plot_diff(result: Any, path: Path) -> None:
+    from .present.plot import plot_diff
+
+    plot_diff(result, path)
+
+
+def _save(doc: dict[str, Any], out: Path | None, plot: Path | None, draw: Callable[[Path], None], quiet: bool) -> None:
+    """The plot first (if plotting fails, no JSON is left behind either), then the JSON."""
+    from .output import write_json
+
+    if plot is not None:
+        draw(plot)
     if out is not None:
         write_json(out, doc)
     if not quiet:

@@ -22,7 +22,7 @@ from .jsonfile import read_json
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 # Real ones are a few KB (multimodal ones tens of KB).
 MAX_CONFIG_BYTES = 16 << 20
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass
@@ -65,7 +65,7 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
         if revision is not None and revision != rev:
             raise LayerdiffError(model, f"names revision {rev!r} and --revision {revision!r}: give one")
         revision = rev
-    if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
+    if not REPO_ID.match(repo_id) or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
         raise LayerdiffError(model, "no such file or directory")
     source = _hub(repo_id, revision, cache_dir)
     source.spec = model

@@ -25,6 +25,7 @@ from .budget import read_bytes
 from .plan import Plan, Segment, clip
 
 Totals = list[tuple[np.ndarray, np.ndarray]]  # per segment: squared norms (parts x layers), dots (parts x pairs)
+Pieces = list[tuple[np.ndarray, str]]  # one part of a block: (2-D view, dtype code) per row span
 
 
 def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, int, int, int]:

@@ -22,14 +22,14 @@ from ..result import Pair, ScanResult, StackResult
 from .heatmaps import diff_figure, matrix_count, scan_heatmaps
 
 FORMATS = {".png": "png", ".svg": "svg"}
-_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
+EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
 MAX_FAMILIES = 16  # more lines than this are unreadable: per-expert families give way to their aggregate
 
 
 MISSING = "matplotlib is not installed: pip install 'layerdiff[plot]'"
 
 
-def _require_matplotlib() -> Any:
+def require_matplotlib() -> Any:
     try:
         import matplotlib
         from matplotlib.figure import Figure  # noqa: F401
@@ -68,7 +68,7 @@ def _families(st: StackResult) -> tuple[list[str], int]:
     if len(fams) <= MAX_FAMILIES:
         return fams, 0
     aggregates = [f for f in fams if st.families[f].experts is not None]
-    members = {f for f in fams if _EXPERT.search(f)} if aggregates else set()
+    members = {f for f in fams if EXPERT.search(f)} if aggregates else set()
     keep = [f for f in fams if f not in members][:MAX_FAMILIES]
     return keep, len(fams) - len(keep)
 
@@ -82,7 +82,7 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
     below when the result has all-pairs matrices or gram_cos."""
     if isinstance(result, dict):
         result = ScanResult.from_dict(result)
-    _require_matplotlib()
+    require_matplotlib()
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
@@ -91,7 +91,7 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
     fams, hidden = _families(st)
     pairs = st.pairs
     xs = [pr.L for pr in pairs]
-    colors = _colors(len(fams))
+    colors = family_colors(len(fams))
     extras = bool(st.all_pairs) or any(s.get("gram_cos") is not None for pr in pairs for s in pr.families.values())
     if extras:  # --all-pairs / --gram: heatmaps below the four panels, in the same image
         low = max(4, len(st.families) * 0.18) + 2.3 * matrix_count(st)
@@ -218,7 +218,7 @@ def _blank(ax: Any) -> Any:
     return Rectangle((0, 0), 0, 0, fill=False, edgecolor="none", visible=False)
 
 
-def _colors(n: int) -> list[Any]:
+def family_colors(n: int) -> list[Any]:
     """Distinct colours: tab10, then Dark2 and Set1 (tab20's light/dark pairs look alike)."""
     from matplotlib import colormaps
 
@@ -226,14 +226,19 @@ def _colors(n: int) -> list[Any]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def plot_diff(result: Any, path: Path) -> None:
-    """Render a diff result's heatmaps to `path` (.png or .svg), atomically."""
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a figure to `path` (.png or .svg) atomically (temp file + rename); SVG text stays text."""
     path = Path(path)
     fmt = check_plot_path(path)
-    matplotlib = _require_matplotlib()
-    fig = diff_figure(result)
+    matplotlib = require_matplotlib()
     with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(f, format=fmt, dpi=110)
+
+
+def plot_diff(result: Any, path: Path) -> None:
+    """Render a diff result's heatmaps to `path` (.png or .svg), atomically."""
+    check_plot_path(path)
+    save_figure(diff_figure(result), path)
 
 
 def _get(pair: Pair, family: str, key: str) -> Any:
@@ -243,9 +248,5 @@ def _get(pair: Pair, family: str, key: str) -> Any:
 
 def plot_result(result: ScanResult | dict[str, Any], path: Path, stack: str | None = None) -> None:
     """Render `result` to `path` (.png or .svg), atomically (temp file + rename)."""
-    path = Path(path)
-    fmt = check_plot_path(path)
-    matplotlib = _require_matplotlib()
-    fig = make_figure(result, stack)
-    with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text
-        fig.savefig(f, format=fmt, dpi=110)
+    check_plot_path(path)
+    save_figure(make_figure(result, stack), path)

@@ -14,8 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..output import atomic
-from ..present.plot import _EXPERT, MAX_FAMILIES, _colors, _require_matplotlib, check_plot_path
+from ..present.plot import EXPERT, MAX_FAMILIES, check_plot_path, family_colors, require_matplotlib, save_figure
 
 MAX_LABELS = 40  # checkpoint tick labels before only every k-th is written
 
@@ -36,7 +35,7 @@ def _short(specs: list[str]) -> list[str]:
 
 def make_figure(result: Any) -> Any:
     """The figure of a SweepResult (a matplotlib Figure, not attached to any window)."""
-    _require_matplotlib()
+    require_matplotlib()
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -47,7 +46,7 @@ def make_figure(result: Any) -> Any:
     other_stacks = [n for n in first.stacks if n != stack]
     fams = list(st.families)
     if len(fams) > MAX_FAMILIES and any(st.families[f].experts for f in fams):
-        fams = [f for f in fams if not _EXPERT.search(f)]
+        fams = [f for f in fams if not EXPERT.search(f)]
     hidden = len(st.families) - min(len(fams), MAX_FAMILIES)
     fams = fams[:MAX_FAMILIES]
     matrices = [f for f in fams if len(st.families[f].shape) >= 2]
@@ -82,7 +81,7 @@ def make_figure(result: Any) -> Any:
     grid = fig.add_gridspec(2, 2, height_ratios=[1, 1.15])
     ax_cos, ax_rel = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
     ax_heat = fig.add_subplot(grid[1, :])
-    colors = _colors(len(fams))
+    colors = family_colors(len(fams))
     for f, c in zip(fams, colors):
         style = "-" if len(st.families[f].shape) >= 2 else "--"
         if any(not math.isnan(v) for v in cos[f]):
@@ -136,9 +135,5 @@ def make_figure(result: Any) -> Any:
 
 def plot_sweep(result: Any, path: Path) -> None:
     """Render the figure of `result` to `path` (.png or .svg), atomically."""
-    path = Path(path)
-    fmt = check_plot_path(path)
-    matplotlib = _require_matplotlib()
-    fig = make_figure(result)
-    with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):
-        fig.savefig(f, format=fmt, dpi=110)
+    check_plot_path(path)
+    save_figure(make_figure(result), path)

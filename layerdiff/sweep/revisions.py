@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint.index import first_line
-from ..checkpoint.sources import _REPO_ID
+from ..checkpoint.sources import REPO_ID
 from ..errors import SelectionError, SourceError
 
 _DIGITS = re.compile(r"(\d+)")
@@ -78,7 +78,7 @@ def expand(specs: list[str] | tuple[str, ...], revisions: str | None = None,
 
 def _is_repo_id(spec: str) -> bool:
     """What `sources.resolve` would look up in the hub: not a path on disk, not path-like."""
-    return bool(_REPO_ID.match(spec)) and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
+    return bool(REPO_ID.match(spec)) and not spec.startswith((".", "/", "~")) and not Path(spec).expanduser().exists()
 
 
 def list_refs(repo_id: str, cache_dir: str | None = None) -> list[str]:
