@@ -19,7 +19,9 @@
  * data, ~1.5e-9 on normal data, against float64 over the decoded values).
  * F16 products have up to 22 significant bits, too many for even 4-term
  * float32 sums, so F16, F32 and F64 (and two different dtypes) are summed in
- * float64 lanes (f32 x f32 products are exact in double).
+ * float64 lanes (f32 x f32 products are exact in double). diff_sums works in
+ * float64 for every dtype (it needs the differences in double anyway): its
+ * sums are as good as float64 over the decoded values.
  * Differences are taken in double: max |b-a| and the equality count are exact.
  *
  * Non-finite values propagate into the sums as in float64; a square beyond
@@ -205,31 +207,38 @@ typedef struct {
     int64_t equal;
 } Acc;
 
-/* One step of 16 values from pa/pb into the float32 lanes. */
+/* One step of 16 values from pa/pb into the float32 lanes; a diff takes the
+ * differences in double anyway, and sums everything there. */
 #define NARROW_STEP(PA, PB)                                                     \
     do {                                                                        \
         vf xe, xo, ye = {0}, yo = {0};                                          \
         load16(code, PA, &xe, &xo);                                             \
-        fa_e += xe * xe;                                                        \
-        fa_o += xo * xo;                                                        \
-        if (op != OP_NORM) {                                                    \
-            load16(code, PB, &ye, &yo);                                         \
-            fb_e += ye * ye;                                                    \
-            fb_o += yo * yo;                                                    \
-            fab_e += xe * ye;                                                   \
-            fab_o += xo * yo;                                                   \
-        }                                                                       \
+        if (op != OP_NORM) load16(code, PB, &ye, &yo);                          \
         if (op == OP_DIFF) {                                                    \
-            vd d0 = lo4(ye) - lo4(xe), d1 = hi4(ye) - hi4(xe);                  \
-            vd d2 = lo4(yo) - lo4(xo), d3 = hi4(yo) - hi4(xo);                  \
-            acc.dd[0] += d0 * d0;                                               \
-            acc.dd[1] += d1 * d1;                                               \
-            acc.dd[0] += d2 * d2;                                               \
-            acc.dd[1] += d3 * d3;                                               \
+            vd x0 = lo4(xe), x1 = hi4(xe), x2 = lo4(xo), x3 = hi4(xo);          \
+            vd y0 = lo4(ye), y1 = hi4(ye), y2 = lo4(yo), y3 = hi4(yo);          \
+            vd d0 = y0 - x0, d1 = y1 - x1, d2 = y2 - x2, d3 = y3 - x3;          \
+            acc.aa[0] += x0 * x0 + x2 * x2;                                     \
+            acc.aa[1] += x1 * x1 + x3 * x3;                                     \
+            acc.bb[0] += y0 * y0 + y2 * y2;                                     \
+            acc.bb[1] += y1 * y1 + y3 * y3;                                     \
+            acc.ab[0] += x0 * y0 + x2 * y2;                                     \
+            acc.ab[1] += x1 * y1 + x3 * y3;                                     \
+            acc.dd[0] += d0 * d0 + d2 * d2;                                     \
+            acc.dd[1] += d1 * d1 + d3 * d3;                                     \
             acc.mx[0] = vmax(vmax(acc.mx[0], vabs(d0)), vabs(d2));              \
             acc.mx[1] = vmax(vmax(acc.mx[1], vabs(d1)), vabs(d3));              \
             eq -= (vi)(xe == ye);                                               \
             eq -= (vi)(xo == yo);                                               \
+        } else {                                                                \
+            fa_e += xe * xe;                                                    \
+            fa_o += xo * xo;                                                    \
+            if (op == OP_PAIR) {                                                \
+                fb_e += ye * ye;                                                \
+                fb_o += yo * yo;                                                \
+                fab_e += xe * ye;                                               \
+                fab_o += xo * yo;                                               \
+            }                                                                   \
         }                                                                       \
     } while (0)
 
@@ -260,8 +269,8 @@ INLINE void pair_out(vd d[2], vf s, vf c) {
 /* The float32 run lanes (<= FLUSH products each) into the compensated sums. */
 #define NARROW_FLUSH()                                                          \
     do {                                                                        \
-        add2(&s_aa, &c_aa, fa_e, fa_o);                                         \
-        if (op != OP_NORM) {                                                    \
+        if (op != OP_DIFF) add2(&s_aa, &c_aa, fa_e, fa_o);                      \
+        if (op == OP_PAIR) {                                                    \
             add2(&s_bb, &c_bb, fb_e, fb_o);                                     \
             add2(&s_ab, &c_ab, fab_e, fab_o);                                   \
         }                                                                       \
@@ -294,8 +303,8 @@ INLINE void narrow_row(int op, int code, const char *pa, const char *pb, Py_ssiz
         }
         NARROW_FLUSH();
     }
-    pair_out(acc.aa, s_aa, c_aa);
-    if (op != OP_NORM) {
+    if (op != OP_DIFF) pair_out(acc.aa, s_aa, c_aa);
+    if (op == OP_PAIR) {
         pair_out(acc.bb, s_bb, c_bb);
         pair_out(acc.ab, s_ab, c_ab);
     }

@@ -12,12 +12,13 @@ dtype with the itemsize of their safetensors dtype code ("BF16", "F16",
 "F32", "F64", "F8_E4M3", "F8_E5M2"). The two inputs of a pair may differ in
 dtype.
 
-Accuracy: cosines within ~1e-9 of float64 over the decoded values. The C
-kernel sums bf16/fp8 products (exact in float32) in float32 lanes of at most
-4 terms, flushed to float64 (longer float32 sums of squares are biased low:
-see _ckernel.c); F16, F32, F64 and mixed dtypes in float64 lanes. The numpy
-kernel decodes 64K-element chunks to float64 and uses float64 dots.
-Differences are taken in float64: max |b-a| and the equality count are exact.
+Accuracy: cosines within ~4e-9 of float64 over the decoded values (bf16 and
+fp8 pair/norm sums in C), else as float64. The C kernel sums bf16/fp8
+products (exact in float32) in float32 lanes of at most 4 terms, then
+without rounding into compensated pairs (longer float32 sums of squares are
+biased low: see _ckernel.c); F16, F32, F64, mixed dtypes and all of
+diff_sums go into float64 lanes. The numpy kernel decodes 64K-value chunks
+to float64 and uses float64 dots. max |b-a| and the equality count are exact.
 
 Non-finite values: inf/NaN propagate into the sums, as in float64 (callers
 report non-finite sums). In the C kernel a bf16 square beyond float32 (|x| >

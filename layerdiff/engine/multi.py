@@ -6,18 +6,22 @@ one row of a K x n float64 matrix X, and X X^T adds that block's share of
 every inner product <W_i, W_j>; with `diff`, the difference B - A of the two
 rows adds |B - A|^2 (from the differences themselves, not from the norms,
 which would cancel), the count of equal values and the largest |B - A|.
-Every analysed byte is read once; K blocks per worker are alive.
+Every analysed byte is read once; K blocks per worker are alive. A diff of
+two unscaled tensors skips X altogether: the fused kernel's diff_sums reads
+both raw mapped blocks and returns every sum in one pass.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Callable
 
 import numpy as np
 
 from ..checkpoint.index import grid
-from . import pool
+from ..checkpoint.reader import Reader
+from . import fused, pool
 from .budget import read_bytes
 from .plan import Plan, clip
 
@@ -47,8 +51,11 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
         spans = clip(part.rows, r0, r1)
         c0, c1 = part.cols or (0, cols)
         shares.append((spans, c0, c1, sum(b - a for a, b in spans) * (c1 - c0)))
-    x = _arena(k, sum(n for *_, n in shares))
     before = reader.bytes_mapped
+    if diff and k == 2 and not any(seg.scales):
+        gram, extra = _diff_raw(reader, seg, r0, r1, shares)
+        return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
+    x = _arena(k, sum(n for *_, n in shares))
     for i, t in enumerate(seg.tensors):
         with reader.block(t, r0, r1, seg.scales[i] if seg.scales else None, seg.scale_block) as block:
             off = 0
@@ -67,6 +74,26 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
                 d = xp[1] - xp[0]
                 extra[p] = (float(d @ d), float(np.count_nonzero(xp[1] == xp[0])), float(np.abs(d).max()))
     return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
+
+
+def _diff_raw(reader: Reader, seg, r0: int, r1: int, shares: list) -> tuple[np.ndarray, np.ndarray]:
+    """The sums of a diff of two unscaled blocks, straight from both mappings."""
+    gram = np.zeros((len(shares), 2, 2))
+    extra = np.zeros((len(shares), 3))
+    a, b = seg.tensors
+    with ExitStack() as stack:
+        ba = stack.enter_context(reader.block(a, r0, r1))
+        bb = stack.enter_context(reader.block(b, r0, r1))
+        for p, (spans, c0, c1, _) in enumerate(shares):
+            for s0, s1 in spans:
+                xa = ba.raw[s0 - r0 : s1 - r0, c0:c1]
+                xb = bb.raw[s0 - r0 : s1 - r0, c0:c1]
+                aa, bsq, ab, dd, equal, mx = fused.diff_sums(xa, ba.code, xb, bb.code)
+                gram[p] += ((aa, ab), (ab, bsq))
+                extra[p, DIFF_SQ] += dd
+                extra[p, DIFF_EQUAL] += equal
+                extra[p, DIFF_MAX] = mx if mx != mx else max(extra[p, DIFF_MAX], mx)  # NaN stays
+    return gram, extra
 
 
 def execute(plan: Plan, diff: bool = False, progress: Callable[[int], None] | None = None
