@@ -21,6 +21,7 @@ _EXPORTS = {
     "errors": ("BudgetError", "FormatError", "LayerdiffError", "OutputError", "SelectionError", "SourceError"),
     "options": ("ScanOptions",),
     "result": ("SCHEMA", "Pair", "PairStats", "ScanResult", "Skip", "StackResult"),
+    "sweep": ("SweepResult", "sweep"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -18,6 +18,10 @@ class LayerdiffError(Exception):
         self.problem = problem
         super().__init__(f"{where}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Raised in a worker process, it is pickled back to the parent.
+        return (type(self), (self.where, self.problem))
+
 
 class FormatError(LayerdiffError):
     """A file breaks the safetensors format, or holds what layerdiff cannot read."""

@@ -8,7 +8,6 @@ later stage trusts an offset.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import LayerdiffError
+from .files import Stamp, first_line, open_regular, os_problem  # noqa: F401 (first_line: re-exported)
+from .jsonfile import parse_json, read_json
 
 # Same ceiling as the safetensors reference implementation: a longer header is
 # refused before anything is allocated for it.
@@ -70,6 +71,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     nbytes: int
+    stamp: Stamp | None = field(default=None, compare=False, repr=False)  # the shard when its header was read
 
     @property
     def numel(self) -> int:
@@ -87,6 +89,7 @@ class Shard:
     data_start: int
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    stamp: Stamp | None = None
 
 
 class _Object(dict):
@@ -111,20 +114,7 @@ def _short(x: Any, limit: int = 60) -> str:
 
 
 def _parse_json(path: Path, raw: bytes, what: str) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_object)
-    except UnicodeDecodeError:
-        raise LayerdiffError(path, f"{what} is not UTF-8 text") from None
-    except RecursionError:
-        raise LayerdiffError(path, f"{what} is JSON nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, and ints past Python's digit limit
-        raise LayerdiffError(path, f"{what} is not valid JSON: {first_line(e)}") from None
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message, cut to one line for an error message."""
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    return parse_json(path, raw, what, object_pairs_hook=_object)
 
 
 def _is_count(x: Any) -> bool:
@@ -136,21 +126,17 @@ def _reading(path: Path, what: str) -> Iterator[None]:
     """OS errors while reading `path` -> one-line LayerdiffErrors."""
     try:
         yield
-    except FileNotFoundError:
-        raise LayerdiffError(path, "no such file") from None
-    except IsADirectoryError:
-        raise LayerdiffError(path, f"is a directory, not {what}") from None
-    except PermissionError:
-        raise LayerdiffError(path, "permission denied") from None
     except OSError as e:
-        raise LayerdiffError(path, f"cannot read: {e.strerror or first_line(e)}") from None
+        raise LayerdiffError(path, os_problem(e, what)) from None
 
 
 def read_header(path: Path) -> Shard:
     """Parse and validate one shard's header; touch no tensor bytes."""
-    with _reading(path, "a safetensors file"):
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
+    fd = open_regular(path, "safetensors file")
+    with _reading(path, "safetensors file"):
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise LayerdiffError(path, f"file of {size} bytes is too small for a safetensors header")
@@ -177,10 +163,10 @@ def read_header(path: Path) -> Shard:
         raise LayerdiffError(path, "__metadata__ must map strings to strings")
     if metadata.duplicate is not None:
         raise LayerdiffError(path, f"__metadata__ has the key {_short(metadata.duplicate)} twice")
-    shard = Shard(path, size, data_start, dict(metadata))
+    shard = Shard(path, size, data_start, dict(metadata), stamp=Stamp.of(st))
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        shard.tensors[name] = info = _tensor(path, name, entry, data_start, size)
+        shard.tensors[name] = info = _tensor(path, name, entry, data_start, size, shard.stamp)
         spans.append((info.start, info.start + info.nbytes, name))
     spans.sort()
     reach, owner = 0, ""
@@ -212,7 +198,7 @@ def _nbytes(shape: list[int], itemsize: int) -> int | None:
     return 0 if 0 in shape else size
 
 
-def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int) -> TensorInfo:
+def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int, stamp: Stamp | None = None) -> TensorInfo:
     where = f"tensor {_short(name)}"
     if not isinstance(entry, dict):
         raise LayerdiffError(path, f"{where}: entry is not a JSON object (got {_short(entry)})")
@@ -242,7 +228,7 @@ def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int) -> Te
         raise LayerdiffError(
             path, f"{where}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)"
         )
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin)
+    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin, stamp)
 
 
 @dataclass
@@ -259,6 +245,10 @@ class TensorIndex:
     @property
     def total_params(self) -> int:
         return sum(t.numel for t in self.tensors.values())
+
+    def stamps(self) -> list[tuple[Path, Stamp | None]]:
+        """Every shard and what it was when its header was read."""
+        return [(s.path, s.stamp) for s in self.shards]
 
 
 def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex:
@@ -285,9 +275,7 @@ def load_index(files: list[Path], index_file: Path | None = None) -> TensorIndex
 
 
 def read_weight_map(index_file: Path) -> dict[str, str]:
-    with _reading(index_file, "an index file"):
-        raw = index_file.read_bytes()
-    doc = _parse_json(index_file, raw, "index")
+    doc = read_json(index_file, "index", object_pairs_hook=_object, limit=MAX_HEADER_BYTES)
     wm = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
         raise LayerdiffError(index_file, "no weight_map mapping tensor names to shard files")

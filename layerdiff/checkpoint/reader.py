@@ -1,14 +1,26 @@
-"""Memory-mapped, row-block access to tensor bytes, with page release.
+"""Row-block access to tensor bytes, with page release.
 
-Each shard is mapped once per process. A block of rows is a zero-copy numpy
-view of the mapping; once it has been decoded, its pages are dropped from this
-process (MADV_DONTNEED), so resident memory stays at about one block whatever
-the model size. The pages stay in the page cache: nothing is read twice.
+Two ways, one interface. Worker processes memory-map each shard once: a block
+of rows is a zero-copy numpy view of the mapping, and once decoded its pages
+are dropped from the process (MADV_DONTNEED), so resident memory stays at
+about one block whatever the model size; the pages stay in the page cache.
+The main process never maps: it reads blocks with `preadv` into reused
+buffers (a copy, ~15% more CPU per byte). A shard truncated under a mapping
+kills the process touching it with SIGBUS, which no Python code can catch:
+a worker's death is reported by the pool, and the shard's stamp names the
+file that changed; in the main process that would be the end of layerdiff,
+so there a truncated shard is a short read instead, a one-line error.
+
+Every shard is checked against the stamp its header was read with when it is
+opened, and whenever a read comes up short.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
+import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +28,8 @@ from typing import Iterator
 import numpy as np
 
 from ..engine import fused
+from ..errors import FormatError
+from .files import changed, open_regular, os_problem
 from .index import TensorInfo, grid
 
 # Blocks are views of the stored bytes as unsigned integers of the dtype's size;
@@ -37,6 +51,10 @@ MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it ye
 # of a block leaves the folios at its edges mapped, and those pile up across a
 # model. Released neighbours are mapped again from the page cache if needed.
 _RELEASE = 2 << 20
+# Read buffers kept for reuse (a block and a scale grid are alive at once).
+_KEEP = 4
+# Largest single read: Linux transfers at most 0x7ffff000 bytes per call.
+_CHUNK = 1 << 30
 
 
 def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
@@ -45,44 +63,83 @@ def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
 
 
 class Reader:
-    """Opens shards on first use; counts the bytes it hands out."""
+    """Opens shards on first use; counts the bytes it hands out.
 
-    def __init__(self) -> None:
+    `mapped`: memory-map the shards (worker processes only, see above)."""
+
+    def __init__(self, mapped: bool = False) -> None:
+        self.mapped = mapped
+        self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
-        self.bytes_mapped = 0
+        self._bufs: list[np.ndarray] = []
+        self.bytes_mapped = 0  # bytes handed out as blocks, mapped or read
         self._populate = True
 
-    def _map(self, path: Path) -> mmap.mmap:
-        m = self._maps.get(path)
+    def _fd(self, t: TensorInfo) -> int:
+        fd = self._fds.get(t.file)
+        if fd is None:
+            fd = open_regular(t.file, "safetensors file")
+            if t.stamp is not None:
+                err = changed(t.file, t.stamp, os.fstat(fd))
+                if err is not None:
+                    os.close(fd)
+                    raise err
+            self._fds[t.file] = fd
+        return fd
+
+    def _map(self, t: TensorInfo) -> mmap.mmap:
+        m = self._maps.get(t.file)
         if m is None:
-            with open(path, "rb") as f:
-                m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            fd = self._fd(t)
+            try:
+                m = self._maps[t.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError):  # ValueError: the file is empty now
+                raise self._changed(t, "cannot be mapped") from None
         return m
 
+    def _changed(self, t: TensorInfo, what: str) -> FormatError:
+        """The error for a failed read: the shard's change if it changed, else `what`."""
+        try:
+            err = changed(t.file, t.stamp, os.fstat(self._fds[t.file])) if t.stamp is not None else None
+        except OSError:
+            err = None
+        return err or FormatError(t.file, what)
+
     def rows(self, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of `t` as a (rows, cols) array viewing the mapping (raw
-        bytes: see RAW_DTYPES)."""
+        """Rows [r0, r1) of `t` as a (rows, cols) array of raw bytes (see RAW_DTYPES), viewing
+        the mapping or a reused buffer: valid until `release`, or the next `rows` call once dropped."""
         _, cols = grid(t.shape)
         dtype = RAW_DTYPES[t.dtype]
         start = t.start + r0 * cols * dtype.itemsize
         count = (r1 - r0) * cols
-        self.bytes_mapped += count * dtype.itemsize
-        m = self._map(t.file)
+        nbytes = count * dtype.itemsize
+        self.bytes_mapped += nbytes
+        if not self.mapped:
+            out = self._buffer(nbytes)[:nbytes]
+            self._read(t, memoryview(out), start)
+            return out.view(dtype).reshape(r1 - r0, cols)
+        m = self._map(t)
+        if start + nbytes > len(m):  # mapped after it shrank
+            raise self._changed(t, f"ends inside tensor {t.name!r}")
         if self._populate:
             # One syscall maps the block's pages, instead of a fault per 64 KB.
-            lo, hi = _pages(start, start + count * dtype.itemsize, len(m))
+            lo, hi = _pages(start, start + nbytes, len(m))
             try:
                 m.madvise(MADV_POPULATE_READ, lo, hi - lo)
-            except OSError:  # kernels before 5.14
-                self._populate = False
+            except OSError as e:
+                if e.errno != errno.EINVAL:  # EFAULT: pages past the end of the file, it shrank
+                    raise self._changed(t, os_problem(e, "safetensors file")) from None
+                self._populate = False  # kernels before 5.14
         buf = np.frombuffer(m, dtype=dtype, count=count, offset=start)
         return buf.reshape(r1 - r0, cols)
 
     def release(self, t: TensorInfo, r0: int, r1: int) -> None:
-        """Drop the pages of rows [r0, r1) from this process's resident set."""
+        """Drop the pages of rows [r0, r1) from this process's resident set (mapped only)."""
+        if not self.mapped:
+            return
         _, cols = grid(t.shape)
         itemsize = RAW_DTYPES[t.dtype].itemsize
-        m = self._map(t.file)
+        m = self._map(t)
         lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m), _RELEASE)
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
@@ -99,6 +156,34 @@ class Reader:
             blk.raw = None
             self.release(t, r0, r1)
 
+    def _buffer(self, nbytes: int) -> np.ndarray:
+        """A byte buffer of at least `nbytes` that no array handed out still views."""
+        for i, b in enumerate(self._bufs):
+            # The list, `b` and getrefcount's argument: 3 references; a live view adds one.
+            if sys.getrefcount(b) <= 3:
+                if b.size < nbytes:
+                    b = self._bufs[i] = np.empty(nbytes, np.uint8)
+                return b
+        b = np.empty(nbytes, np.uint8)
+        if len(self._bufs) < _KEEP:
+            self._bufs.append(b)
+        return b
+
+    def _read(self, t: TensorInfo, buf: memoryview, offset: int) -> None:
+        """Fill `buf` from `offset` of t's shard; a short read is a FormatError naming it."""
+        fd = self._fd(t)
+        done = 0
+        try:
+            while done < len(buf):
+                n = os.preadv(fd, [buf[done : done + _CHUNK]], offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError as e:
+            raise self._changed(t, os_problem(e, "safetensors file")) from None
+        if done < len(buf):
+            raise self._changed(t, f"ends at byte {offset + done}, inside tensor {t.name!r}")
+
     def close(self) -> None:
         for m in self._maps.values():
             try:
@@ -106,6 +191,10 @@ class Reader:
             except BufferError:  # a view is still alive (e.g. after Ctrl-C): the GC unmaps it
                 pass
         self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bufs.clear()
 
 
 class Block:

@@ -9,17 +9,19 @@ huggingface_hub's own download of a repo that is not cached yet.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import LayerdiffError
-from .index import first_line
+from ..errors import FormatError, LayerdiffError
+from .files import first_line, kind as file_kind
+from .jsonfile import read_json
 
 # What a download fetches: the weights, their index and the config, nothing else.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+# Real ones are a few KB (multimodal ones tens of KB).
+MAX_CONFIG_BYTES = 16 << 20
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -71,6 +73,8 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
 
 
 def _local(spec: str, path: Path, **hub: Any) -> Source:
+    if not path.is_dir() and not path.is_file():  # a FIFO or a device: its first read could block forever
+        raise FormatError(path, f"{file_kind(path.stat().st_mode)}, not a .safetensors file, an index or a checkpoint directory")
     if path.is_file():
         if path.name.endswith(".safetensors.index.json"):
             return Source(spec, "file", path.parent, [], path, _config(path.parent), **hub)
@@ -101,12 +105,7 @@ def _config(folder: Path) -> dict[str, Any] | None:
     cfg = folder / "config.json"
     if not cfg.exists():
         return None
-    try:
-        doc = json.loads(cfg.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise LayerdiffError(cfg, f"not valid JSON: {first_line(e)}") from None
-    except OSError as e:
-        raise LayerdiffError(cfg, f"cannot read: {e.strerror or first_line(e)}") from None
+    doc = read_json(cfg, "config.json", limit=MAX_CONFIG_BYTES)
     if not isinstance(doc, dict):
         raise LayerdiffError(cfg, "not a JSON object")
     return doc

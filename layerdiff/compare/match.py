@@ -62,8 +62,14 @@ class Matched:
         """The two-stream segment that reads A's and B's copies."""
         p = self.placed
         L = p.layer if p.layer is not None else 0
-        return Segment(p.stack or "", self.name, (L, L), (self.a, self.b), p.parts, (self.a_scale, self.b_scale),
+        return Segment(p.stack or "", self.rest, (L, L), (self.a, self.b), p.parts, (self.a_scale, self.b_scale),
                        self.scale_block)
+
+    @property
+    def rest(self) -> str:
+        """The name after `<stack>.<layer>.`: the raw family (the whole name for non-layer tensors)."""
+        p = self.placed
+        return self.name[len(f"{p.stack}.{p.layer}."):] if p.stack is not None else self.name
 
 
 @dataclass(frozen=True)

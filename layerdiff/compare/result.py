@@ -10,7 +10,7 @@ from ..errors import FormatError
 
 SCHEMA = "layerdiff.diff/1"
 TRACKED = ("cos", "rel_change", "norm_ratio", "frac_equal", "max_abs_diff", "delta_eff_rank", "delta_stable_rank",
-           "delta_rank_90", "delta_rank_99")  # the per-layer arrays kept per stack and family
+           "delta_rank_90", "delta_rank_99", "gram_cos")  # the per-layer arrays kept per stack and family
 
 
 @dataclass(frozen=True)

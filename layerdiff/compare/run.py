@@ -17,7 +17,7 @@ import numpy as np
 
 from ..api import Model, open_model, scan_options
 from ..checkpoint.index import grid
-from ..engine import gram, multi
+from ..engine import centred, gram, multi
 from ..engine.budget import plan_budget
 from ..engine.plan import Plan, Segment
 from ..errors import SelectionError
@@ -31,17 +31,11 @@ Progress = Callable[[int], None]
 TOP = 3  # layers named per family as the ones that changed most
 
 
-def _rest(m: Matched) -> str:
-    """The name after `<stack>.<layer>.`: the raw family (the whole name for non-layer tensors)."""
-    p = m.placed
-    return m.name[len(f"{p.stack}.{p.layer}."):] if p.stack is not None else m.name
-
-
 def _selected(m: Matched, options: ScanOptions) -> bool:
     p = m.placed
     if options.stacks and p.stack not in options.stacks:
         return False
-    if options.families and not ({q.family for q in p.parts} | {_rest(m)}) & set(options.families):
+    if options.families and not ({q.family for q in p.parts} | {m.rest}) & set(options.families):
         return False
     return not options.layers or (p.layer is not None and options.layers[0] <= p.layer < options.layers[1])
 
@@ -58,10 +52,13 @@ class DiffJob:
     unread: list[Matched]  # identical without reading (the same bytes)
     plan: Plan | None
     rank_plan: gram.RankPlan | None
+    centred_plan: centred.CentredPlan | None = None
 
     @property
     def total(self) -> int:
-        return self.plan.bytes_total if self.plan else 0
+        if self.plan is None:
+            return 0
+        return self.plan.bytes_total + (self.centred_plan.total_bytes(self.plan) if self.centred_plan else 0)
 
     def run(self, progress: Progress | None = None) -> DiffResult:
         started = time.perf_counter()
@@ -70,6 +67,9 @@ class DiffJob:
         if self.plan is not None:
             totals, io = multi.execute(self.plan, diff=True, progress=progress)
         spectra = self._spectra(totals, io) if self.rank_plan is not None else {}
+        if self.centred_plan is not None and self.plan is not None:
+            for (si, part, _), v in centred.run_centred(self.plan, self.centred_plan, progress).items():
+                spectra.setdefault(si, {}).setdefault(part, {}).update(v)
         tensors = {m.name: _tensor(m, t, spectra.get(i, {})) for i, (m, t) in enumerate(zip(self.read, totals))}
         for m in self.unread:
             tensors[m.name] = _unread(m)
@@ -79,7 +79,8 @@ class DiffJob:
         settings = {"max_memory": o.max_memory, "jobs": self.plan.jobs if self.plan else 0,
                     "block_elements": self.plan.block if self.plan else 0, "stacks": list(o.stacks),
                     "families": list(o.families), "layers": list(o.layers) if o.layers else None,
-                    "rank": gram.describe(self.rank_plan) if self.rank_plan else None}
+                    "rank": gram.describe(self.rank_plan) if self.rank_plan else None,
+                    "gram": self.centred_plan.describe() if self.centred_plan else None}
         side = {"a": sum(m.a.nbytes for m in self.read), "b": sum(m.b.nbytes for m in self.read)}
         run = {"seconds": time.perf_counter() - started, "bytes_analysed_a": side["a"], "bytes_analysed_b": side["b"],
                "identical_unread": len(self.unread), **io}
@@ -138,7 +139,7 @@ def _tensor(m: Matched, totals: tuple[np.ndarray, np.ndarray], spectra: dict[int
         whole = diff_values(_sums(g.sum(axis=0), e, m.a.numel))
     else:
         whole = {k.name: None for k in DIFF_METRICS}
-    family = seg.parts[0].family if len(seg.parts) == 1 else _rest(m)
+    family = seg.parts[0].family if len(seg.parts) == 1 else m.rest
     return TensorDiff(m.name, m.placed.stack, m.placed.layer, family, m.a.shape, m.a.dtype, m.b.dtype, whole, parts)
 
 
@@ -147,7 +148,7 @@ def _unread(m: Matched) -> TensorDiff:
     values = diff_values({"aa": math.nan, "bb": math.nan, "ab": math.nan, "dd": 0.0, "equal": 1.0, "n": 1.0,
                           "max_abs": 0.0})
     values.update(rel_change=None, norm_a=None, norm_b=None, norm_ratio=None)
-    family = m.placed.parts[0].family if len(m.placed.parts) == 1 else _rest(m)
+    family = m.placed.parts[0].family if len(m.placed.parts) == 1 else m.rest
     return TensorDiff(m.name, m.placed.stack, m.placed.layer, family, m.a.shape, m.a.dtype, m.b.dtype, values,
                       note="identical without reading: the same bytes of the same file in A and B")
 
@@ -199,7 +200,8 @@ def plan_diff(a: Model, b: Model, options: ScanOptions) -> DiffJob:
         plan = Plan(segs, [], budget.jobs, budget.block)
         if options.rank:
             rank_plan = gram.plan_rank(plan, options, delta=True)  # fails here, up front, if it cannot fit
-    return DiffJob(a, b, options, matching, read, unread, plan, rank_plan)
+    centred_plan = centred.plan_centred(plan, a.layout, options) if options.gram and plan else None
+    return DiffJob(a, b, options, matching, read, unread, plan, rank_plan, centred_plan)
 
 
 def diff(a: str | Model, b: str | Model, progress: Progress | None = None, cache_dir: str | None = None,

@@ -57,7 +57,7 @@ def _arena(dtype: type, n: int) -> np.ndarray:
     return buf
 
 
-def _pieces(block: Block, code: str, shares: list[tuple[Any, ...]], buf: np.ndarray | None) -> list[Pieces]:
+def raw_pieces(block: Block, code: str, shares: list[tuple[Any, ...]], buf: np.ndarray | None) -> list[Pieces]:
     """Each part of a block as kernel inputs: views of the raw mapped rows, or,
     for a dequantised block, of its values decoded and scaled into `buf`."""
     out = []
@@ -94,7 +94,7 @@ def _chain(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[An
             held.append(stack)
             block = stack.enter_context(reader.block(t, r0, r1, scale, seg.scale_block))
             buf = None if scale is None else scratch[(i % 2) * total : (i % 2 + 1) * total]
-            cur = _pieces(block, t.dtype, shares, buf)
+            cur = raw_pieces(block, t.dtype, shares, buf)
             for p, pieces in enumerate(cur):
                 if i == 0:
                     norms[p, 0] = sum(fused.norm_sum(x, code) for x, code in pieces)

@@ -62,7 +62,7 @@ import ctypes
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def _call_syrk(fn: Any, g: np.ndarray, x: np.ndarray, trans: bool) -> None:
     fn(101, 121, 112 if trans else 111, d, k, 1.0, x.ctypes.data, x.shape[1], 1.0, g.ctypes.data, d)
 
 
-class _Gram:
+class SyrkGram:
     """G += X^T X for blocks X (exact mode); only the upper triangle is meaningful."""
 
     def __init__(self, d: int, side: str) -> None:
@@ -254,20 +254,20 @@ class RankPlan:
         pass's segments, plus both layers of every pair the rank pass decodes."""
         done = self.segments
         chain = sum(t.nbytes for i, s in enumerate(plan.segments) if i not in done for t in s.tensors)
-        itemsize = {t.seg: _itemsize(plan.segments[t.seg]) for t in self.tasks}
+        itemsize = {t.seg: itemsize_of(plan.segments[t.seg]) for t in self.tasks}
         return chain + sum(
             2 * t.m * t.n * itemsize[t.seg] * (len(plan.segments[t.seg].layers) - 1) for t in self.tasks
         )
 
 
-def _part_dims(seg: Segment, part: Part) -> tuple[int, int]:
+def part_dims(seg: Segment, part: Part) -> tuple[int, int]:
     rows, cols = grid(seg.shape)
     m = sum(b - a for a, b in part.rows) if part.rows is not None else rows
     c0, c1 = part.cols or (0, cols)
     return m, c1 - c0
 
 
-def _itemsize(seg: Segment) -> int:
+def itemsize_of(seg: Segment) -> int:
     return max(RAW_DTYPES[t.dtype].itemsize for t in seg.tensors)
 
 
@@ -331,9 +331,9 @@ def plan_rank(plan: Plan, options: ScanOptions, delta: bool = False) -> RankPlan
     for si, seg in enumerate(plan.segments):
         if len(seg.shape) < 2 or len(seg.layers) < 2:
             continue
-        itemsize = _itemsize(seg)
+        itemsize = itemsize_of(seg)
         for pi, part in enumerate(seg.parts):
-            m, n = _part_dims(seg, part)
+            m, n = part_dims(seg, part)
             if min(m, n) < 1:
                 continue
             nbytes = m * n * itemsize
@@ -395,9 +395,9 @@ def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: 
         block.decode(spans, c0, c1, out)
 
 
-def _pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int, bufa: np.ndarray, bufb: np.ndarray):
-    """Decoded float64 blocks (a, b) of layers ia and ib: (rows x n) row blocks on
-    the "cols" side, (m x cols) column blocks on the "rows" side."""
+def layer_blocks(reader: Reader, seg: Segment, task: Any, i: int, buf: np.ndarray) -> Iterator[np.ndarray]:
+    """Decoded float64 blocks of layer i's part: (rows x n) row blocks on the "cols"
+    side, (m x cols) column blocks on the "rows" side. `task` gives part, side, step, m."""
     part = seg.parts[task.part]
     rows, cols = grid(seg.shape)
     c0, c1 = part.cols or (0, cols)
@@ -407,27 +407,27 @@ def _pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int,
             r1 = min(rows, r0 + task.step)
             spans = clip(part.rows, r0, r1)
             cnt = sum(b - a for a, b in spans)
-            if not cnt:
-                continue
-            xa, xb = bufa[: cnt * n], bufb[: cnt * n]
-            _decode_rows(reader, seg, ia, r0, r1, spans, c0, c1, xa)
-            _decode_rows(reader, seg, ib, r0, r1, spans, c0, c1, xb)
-            yield xa.reshape(cnt, n), xb.reshape(cnt, n)
+            if cnt:
+                _decode_rows(reader, seg, i, r0, r1, spans, c0, c1, buf[: cnt * n])
+                yield buf[: cnt * n].reshape(cnt, n)
     else:
-        m = task.m
         for q0 in range(c0, c1, task.step):
-            q1 = min(c1, q0 + task.step)
-            w = q1 - q0
-            for i, buf in ((ia, bufa), (ib, bufb)):
-                k = 0
-                for r0 in range(0, rows, ROW_CHUNK):
-                    r1 = min(rows, r0 + ROW_CHUNK)
-                    spans = clip(part.rows, r0, r1)
-                    cnt = sum(b - a for a, b in spans)
-                    if cnt:
-                        _decode_rows(reader, seg, i, r0, r1, spans, q0, q1, buf[k : k + cnt * w])
-                        k += cnt * w
-            yield bufa[: m * w].reshape(m, w), bufb[: m * w].reshape(m, w)
+            w = min(c1, q0 + task.step) - q0
+            k = 0
+            for r0 in range(0, rows, ROW_CHUNK):
+                r1 = min(rows, r0 + ROW_CHUNK)
+                spans = clip(part.rows, r0, r1)
+                cnt = sum(b - a for a, b in spans)
+                if cnt:
+                    _decode_rows(reader, seg, i, r0, r1, spans, q0, q0 + w, buf[k : k + cnt * w])
+                    k += cnt * w
+            yield buf[: task.m * w].reshape(task.m, w)
+
+
+def pair_blocks(reader: Reader, seg: Segment, task: Any, ia: int, ib: int, bufa: np.ndarray,
+                bufb: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The same blocks of layers ia and ib, side by side."""
+    yield from zip(layer_blocks(reader, seg, task, ia, bufa), layer_blocks(reader, seg, task, ib, bufb))
 
 
 def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
@@ -439,9 +439,9 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
     norms = np.zeros(n_layers)
     dots = np.zeros(n_layers - 1)
     stats: list[dict[str, Any] | None] = [None] * (n_layers - 1)
-    itemsize = _itemsize(seg)
+    itemsize = itemsize_of(seg)
     if task.method == "gram":
-        acc: Any = _Gram(task.d, task.side)
+        acc: Any = SyrkGram(task.d, task.side)
         width = task.n if task.side == "cols" else task.m
     else:
         acc = _Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k)
@@ -461,7 +461,7 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
         na = nb = nab = ndd = 0.0
         guessed = delta
         with threadpool_limits(threads):
-            for xa, xb in _pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
+            for xa, xb in pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
                 fa, fb = xa.reshape(-1), xb.reshape(-1)
                 da, db = float(np.dot(fa, fa)), float(np.dot(fb, fb))
                 na += da

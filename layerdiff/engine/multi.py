@@ -7,15 +7,15 @@ every inner product <W_i, W_j>; with `diff`, the difference B - A of the two
 rows adds |B - A|^2 (from the differences themselves, not from the norms,
 which would cancel), the count of equal values and the largest |B - A|.
 Every analysed byte is read once; K blocks per worker are alive. A diff of
-two unscaled tensors skips X altogether: the fused kernel's diff_sums reads
-both raw mapped blocks and returns every sum in one pass.
+tensors stored without dequantisation scales goes straight from the mapped
+bytes through the fused kernel (`fused.diff_sums`): no decoded copies.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from contextlib import ExitStack
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,7 +23,8 @@ from ..checkpoint.index import grid
 from ..checkpoint.reader import Reader
 from . import fused, pool
 from .budget import read_bytes
-from .plan import Plan, clip
+from .chain import raw_pieces
+from .plan import Plan, Segment, clip
 
 # Per segment: inner products (parts x K x K), and with diff (parts x 3): |B-A|^2, equal values, max |B-A|.
 MultiTotals = list[tuple[np.ndarray, np.ndarray]]
@@ -52,8 +53,8 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
         c0, c1 = part.cols or (0, cols)
         shares.append((spans, c0, c1, sum(b - a for a, b in spans) * (c1 - c0)))
     before = reader.bytes_mapped
-    if diff and k == 2 and not any(seg.scales):
-        gram, extra = _diff_raw(reader, seg, r0, r1, shares)
+    if diff and not any(seg.scales):
+        gram, extra = _diff_raw(seg, reader, r0, r1, shares)
         return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
     x = _arena(k, sum(n for *_, n in shares))
     for i, t in enumerate(seg.tensors):
@@ -76,23 +77,21 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
     return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
 
 
-def _diff_raw(reader: Reader, seg, r0: int, r1: int, shares: list) -> tuple[np.ndarray, np.ndarray]:
-    """The sums of a diff of two unscaled blocks, straight from both mappings."""
+def _diff_raw(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[Any, ...]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """A and B's blocks straight from the mapped bytes through the fused kernel (no decoded copies)."""
     gram = np.zeros((len(shares), 2, 2))
     extra = np.zeros((len(shares), 3))
-    a, b = seg.tensors
-    with ExitStack() as stack:
-        ba = stack.enter_context(reader.block(a, r0, r1))
-        bb = stack.enter_context(reader.block(b, r0, r1))
-        for p, (spans, c0, c1, _) in enumerate(shares):
-            for s0, s1 in spans:
-                xa = ba.raw[s0 - r0 : s1 - r0, c0:c1]
-                xb = bb.raw[s0 - r0 : s1 - r0, c0:c1]
-                aa, bsq, ab, dd, equal, mx = fused.diff_sums(xa, ba.code, xb, bb.code)
-                gram[p] += ((aa, ab), (ab, bsq))
+    (ta, tb) = seg.tensors
+    with reader.block(ta, r0, r1) as block_a, reader.block(tb, r0, r1) as block_b:
+        for p, (pa, pb) in enumerate(zip(raw_pieces(block_a, ta.dtype, shares, None),
+                                         raw_pieces(block_b, tb.dtype, shares, None))):
+            for (x, xc), (y, yc) in zip(pa, pb):
+                aa, bb, ab, dd, equal, most = fused.diff_sums(x, xc, y, yc)
+                gram[p] += ((aa, ab), (ab, bb))
                 extra[p, DIFF_SQ] += dd
                 extra[p, DIFF_EQUAL] += equal
-                extra[p, DIFF_MAX] = mx if mx != mx else max(extra[p, DIFF_MAX], mx)  # NaN stays
+                extra[p, DIFF_MAX] = max(extra[p, DIFF_MAX], most) if not math.isnan(most) else math.nan
     return gram, extra
 
 

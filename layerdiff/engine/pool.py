@@ -12,12 +12,14 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ..checkpoint.reader import Reader
+from ..errors import LayerdiffError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,8 +32,10 @@ def init_state(payload: Any, blas_threads: int | None = 1) -> None:
     """A process's state for a pass: its payload, a Reader, BLAS pinned.
 
     A multi-threaded BLAS fighting the other worker for the two cores made a
-    dot 60x slower in measurements here; the kernel calls are small anyway."""
-    STATE.update(payload=payload, reader=Reader())
+    dot 60x slower in measurements here; the kernel calls are small anyway.
+    Only workers map the shards (see checkpoint/reader.py: a SIGBUS there is
+    a worker's death, reported; here it would kill layerdiff)."""
+    STATE.update(payload=payload, reader=Reader(mapped=STATE.get("worker", False)))
     if blas_threads is not None:
         from threadpoolctl import threadpool_limits
 
@@ -50,6 +54,7 @@ def close_state() -> None:
 
 
 def _start_worker(init: Callable[..., None], args: tuple[Any, ...]) -> None:
+    STATE["worker"] = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     init(*args)
@@ -81,12 +86,32 @@ def _sigint_deferred() -> Iterator[None]:
         handler(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
-class WorkerDied(Exception):
+class WorkerDied(LayerdiffError):
     """A worker process ended abnormally while running `item`."""
 
-    def __init__(self, item: Any) -> None:
+    def __init__(self, item: Any, how: str = "") -> None:
         self.item = item
-        super().__init__(f"a worker process died while working on {item!r}")
+        super().__init__("scan", f"a worker process died{how}; nothing written")
+
+
+def _how(pool: ProcessPoolExecutor) -> str:
+    """' (killed by SIGKILL: out of memory?)': the signal that ended a worker, if one did.
+
+    The pool terminates the other workers (SIGTERM) once one has died, and its
+    thread may be reaping them right now: their exit codes can take a moment."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    deadline = time.monotonic() + 2
+    while any(p.exitcode is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    codes = [p.exitcode for p in procs]
+    signals = [-c for c in codes if c is not None and c < 0]
+    for sig in sorted(signals, key=lambda s: s == signal.SIGTERM):
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f" (killed by {name}{': out of memory?' if name == 'SIGKILL' else ''})"
+    return ""
 
 
 def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[..., None],
@@ -119,7 +144,7 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
-                    raise WorkerDied(item) from None
+                    raise WorkerDied(item, _how(pool)) from None
                 for nxt in it:
                     pending[pool.submit(fn, nxt)] = nxt
                     break

@@ -47,6 +47,9 @@ PAIR_METRICS: tuple[Metric, ...] = (
            _measured("resid_spec_entropy")),
     Metric("resid_stable_rank", "residual stable rank", "|D|_F^2 / |D|_2^2 (--rank)", "1 for a rank-1 change",
            _measured("resid_stable_rank"), ".2f"),
+    Metric("gram_cos", "centred Gram cosine", "<G~a, G~b> / (|G~a| |G~b|), G on the residual side (--gram)",
+           "~0 independent isotropic, 1 same up to scale and a permutation/rotation of the other side",
+           _measured("gram_cos"), "+.4f"),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in PAIR_METRICS}
 
@@ -72,6 +75,7 @@ SUMMARIES: tuple[Summary, ...] = (
     Summary("scalar_fit", "scalar_fit", lambda x: float(x.mean())),
     Summary("mean_SE", "resid_spec_entropy", lambda x: float(x.mean()), optional=True),
     Summary("mean_eff_rank", "resid_eff_rank", lambda x: float(x.mean()), optional=True),
+    Summary("mean_gram_cos", "gram_cos", lambda x: float(x.mean()), optional=True),
 )
 # Derived from other summaries, placed after the named one: (name, after, formula).
 DERIVED_SUMMARIES: tuple[tuple[str, str, Callable[[dict[str, float | None]], float | None]], ...] = (
@@ -129,9 +133,13 @@ DIFF_METRICS: tuple[DiffMetric, ...] = (
     DiffMetric("identical", "identical", "every element equal", "true", lambda s: bool(s["n"]) and s["equal"] == s["n"]),
 )
 # With --rank, the spectrum of D = B - A (None where not computed).
-DELTA_METRICS = ("delta_eff_rank", "delta_stable_rank", "delta_rank_90", "delta_rank_99")
+# and with --gram, the centred Gram cosine of A and B.
+# With --rank-approx, `delta_rank_bounds` holds the sketch's guaranteed intervals.
+DELTA_METRICS = ("delta_eff_rank", "delta_stable_rank", "delta_rank_90", "delta_rank_99", "delta_rank_bounds",
+                 "gram_cos")
 DELTA_FROM_SPECTRUM = {"delta_eff_rank": "resid_eff_rank", "delta_stable_rank": "resid_stable_rank",
-                       "delta_rank_90": "resid_rank_90", "delta_rank_99": "resid_rank_99"}
+                       "delta_rank_90": "resid_rank_90", "delta_rank_99": "resid_rank_99",
+                       "delta_rank_bounds": "resid_rank_bounds", "gram_cos": "gram_cos"}
 
 
 def diff_values(sums: DiffSums, spectrum: Mapping[str, object] | None = None) -> dict[str, object]:
