@@ -13,13 +13,14 @@
  * bits of squares are not uniform (odd squares are 1 mod 8), so a square
  * added to a much larger float32 sum is rounded down more often than up, a
  * bias of ~1e-7 relative with 64 terms per sum, which moves cosines by ~5e-8.
- * So each float32 lane holds at most FLUSH (4) products; those runs are then
- * added without rounding into compensated float32 pairs (TwoSum), turned
- * into float64 at the end of a row (cosine error <= ~4e-9 on heavy-tailed
- * data, ~1.5e-9 on normal data, against float64 over the decoded values).
+ * So each float32 lane holds at most FLUSH (4) products before it is added
+ * into float64 lanes (cosine error <= ~4e-9 on heavy-tailed data, ~1.5e-9 on
+ * normal data, against float64 over the decoded values).
  * F16 products have up to 22 significant bits, too many for even 4-term
  * float32 sums, so F16, F32 and F64 (and two different dtypes) are summed in
- * float64 lanes (f32 x f32 products are exact in double).
+ * float64 lanes (f32 x f32 products are exact in double). diff_sums works in
+ * float64 for every dtype (it needs the differences in double anyway): its
+ * sums are as good as float64 over the decoded values.
  * Differences are taken in double: max |b-a| and the equality count are exact.
  *
  * Non-finite values propagate into the sums as in float64; a square beyond
@@ -86,10 +87,15 @@ typedef struct {
 
 enum { OP_NORM, OP_PAIR, OP_DIFF };
 
-/* Summed in float64 lanes: F32/F64, and F16, whose products have up to 22
- * significant bits, so that even 4-term float32 sums of them round (cosines
- * off by 1e-8). bf16 (8 bits) and fp8 products leave float32 room. */
-INLINE int wide(int code) { return code == C_F16 || code >= C_F32; }
+/* 4 or 8 bytes a value: read as doubles (the 16- and 8-bit codes are decoded
+ * 16 at a time, in even and odd lanes). */
+INLINE int wide(int code) { return code >= C_F32; }
+
+/* Which narrow sums go to float64 lanes at once: F16, whose products have up
+ * to 22 significant bits, so that even 4-term float32 sums of them round
+ * (cosines off by 1e-8; bf16 and fp8 products have 16 bits or fewer), and
+ * every diff (it needs the differences in double anyway). */
+#define IN_DOUBLE(op, code) ((op) == OP_DIFF || (code) == C_F16)
 
 /* A view whose rows follow each other without gaps is one long row. */
 INLINE void collapse(Mat *a, Mat *b) {
@@ -107,6 +113,7 @@ typedef uint32_t vu __attribute__((vector_size(32)));
 typedef double vd __attribute__((vector_size(32)));
 typedef int64_t vl __attribute__((vector_size(32)));
 typedef uint16_t vh __attribute__((vector_size(16)));
+typedef double v8d __attribute__((vector_size(64))); /* 8 float32 lanes, widened */
 
 /* ---- decoding (exact; any alignment) ------------------------------------ */
 
@@ -120,7 +127,8 @@ INLINE vf vdec_f16(vu h) {
     vu normal = (em << 13) + (112u << 23);
     vu special = (em << 13) | 0x7f800000u;
     vu sub = (vu)(__builtin_convertvector((vi)em, vf) * 0x1p-24f);
-    vu r = vsel((vu)(em < 0x400u), sub, vsel((vu)(em >= 0x7c00u), special, normal));
+    /* em < 2^15: signed compares (x86 has no unsigned 32-bit vector compare) */
+    vu r = vsel((vu)((vi)em < 0x400), sub, vsel((vu)((vi)em > 0x7bff), special, normal));
     return (vf)(r | sign);
 }
 
@@ -131,13 +139,24 @@ INLINE vf vdec_e4m3(vu v) {
     vu normal = (em << 20) + (120u << 23);
     vu sub = (vu)(__builtin_convertvector((vi)em, vf) * 0x1p-9f);
     vu nan = (vu){0} + 0x7fc00000u;
-    vu r = vsel((vu)(em < 8u), sub, vsel((vu)(em == 0x7fu), nan, normal));
+    vu r = vsel((vu)((vi)em < 8), sub, vsel((vu)(em == 0x7fu), nan, normal));
     return (vf)(r | sign);
 }
 
 /* F8_E5M2 is the top byte of an f16. */
 INLINE vf vdec_e5m2(vu v) { return vdec_f16(v << 8); }
 
+/* float32 -> float64, exact. Converting all 8 lanes and then taking halves is
+ * what GCC lowers well (vcvtps2pd twice on AVX2); halves first went through
+ * 2-lane conversions, and 8-lane double accumulators through memory. */
+INLINE vd lo4(vf v) {
+    v8d d = __builtin_convertvector(v, v8d);
+    return __builtin_shufflevector(d, d, 0, 1, 2, 3);
+}
+INLINE vd hi4(vf v) {
+    v8d d = __builtin_convertvector(v, v8d);
+    return __builtin_shufflevector(d, d, 4, 5, 6, 7);
+}
 /* 16 narrow values at p: e gets those at even positions, o the odd ones. */
 INLINE void load16(int code, const char *p, vf *e, vf *o) {
     vu w;
@@ -162,27 +181,19 @@ INLINE void load16(int code, const char *p, vf *e, vf *o) {
     }
 }
 
-/* 8 values of a wide code at p as two vectors of 4 doubles (exact). */
+/* 8 values of F32 or F64 at p as two vectors of 4 doubles (exact). */
 INLINE void load8(int code, const char *p, vd *lo, vd *hi) {
-    if (code == C_F16) {
-        vh h;
-        memcpy(&h, p, sizeof h);
-        vf f = vdec_f16(__builtin_convertvector(h, vu));
-        *lo = __builtin_convertvector(__builtin_shufflevector(f, f, 0, 1, 2, 3), vd);
-        *hi = __builtin_convertvector(__builtin_shufflevector(f, f, 4, 5, 6, 7), vd);
-    } else if (code == C_F32) {
+    if (code == C_F32) {
         vf f;
         memcpy(&f, p, sizeof f);
-        *lo = __builtin_convertvector(__builtin_shufflevector(f, f, 0, 1, 2, 3), vd);
-        *hi = __builtin_convertvector(__builtin_shufflevector(f, f, 4, 5, 6, 7), vd);
+        *lo = lo4(f);
+        *hi = hi4(f);
     } else {
         memcpy(lo, p, sizeof *lo);
         memcpy(hi, p + sizeof *lo, sizeof *hi);
     }
 }
 
-INLINE vd lo4(vf v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), vd); }
-INLINE vd hi4(vf v) { return __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), vd); }
 INLINE vd vabs(vd v) { return (vd)((vl)v & 0x7fffffffffffffffLL); }
 /* max ignoring NaN (a NaN difference shows in |b-a|^2, see diff_result) */
 INLINE vd vmax(vd m, vd v) {
@@ -205,65 +216,68 @@ typedef struct {
     int64_t equal;
 } Acc;
 
-/* One step of 16 values from pa/pb into the float32 lanes. */
-#define NARROW_STEP(PA, PB)                                                     \
+/* One step of 16 values from pa/pb into the float32 lanes; a diff takes the
+ * differences in double anyway, and sums everything there. */
+#define NARROW_STEP_(PA, PB, FIRST)                                             \
     do {                                                                        \
         vf xe, xo, ye = {0}, yo = {0};                                          \
         load16(code, PA, &xe, &xo);                                             \
-        fa_e += xe * xe;                                                        \
-        fa_o += xo * xo;                                                        \
-        if (op != OP_NORM) {                                                    \
-            load16(code, PB, &ye, &yo);                                         \
-            fb_e += ye * ye;                                                    \
-            fb_o += yo * yo;                                                    \
-            fab_e += xe * ye;                                                   \
-            fab_o += xo * yo;                                                   \
-        }                                                                       \
-        if (op == OP_DIFF) {                                                    \
-            vd d0 = lo4(ye) - lo4(xe), d1 = hi4(ye) - hi4(xe);                  \
-            vd d2 = lo4(yo) - lo4(xo), d3 = hi4(yo) - hi4(xo);                  \
-            acc.dd[0] += d0 * d0;                                               \
-            acc.dd[1] += d1 * d1;                                               \
-            acc.dd[0] += d2 * d2;                                               \
-            acc.dd[1] += d3 * d3;                                               \
-            acc.mx[0] = vmax(vmax(acc.mx[0], vabs(d0)), vabs(d2));              \
-            acc.mx[1] = vmax(vmax(acc.mx[1], vabs(d1)), vabs(d3));              \
-            eq -= (vi)(xe == ye);                                               \
-            eq -= (vi)(xo == yo);                                               \
+        if (op != OP_NORM) load16(code, PB, &ye, &yo);                          \
+        if (IN_DOUBLE(op, code)) {                                              \
+            vd x0 = lo4(xe), x1 = hi4(xe), x2 = lo4(xo), x3 = hi4(xo);          \
+            acc.aa[0] += x0 * x0 + x2 * x2;                                     \
+            acc.aa[1] += x1 * x1 + x3 * x3;                                     \
+            if (op != OP_NORM) {                                                \
+                vd y0 = lo4(ye), y1 = hi4(ye), y2 = lo4(yo), y3 = hi4(yo);      \
+                acc.bb[0] += y0 * y0 + y2 * y2;                                 \
+                acc.bb[1] += y1 * y1 + y3 * y3;                                 \
+                acc.ab[0] += x0 * y0 + x2 * y2;                                 \
+                acc.ab[1] += x1 * y1 + x3 * y3;                                 \
+                if (op == OP_DIFF) {                                            \
+                    vd d0 = y0 - x0, d1 = y1 - x1, d2 = y2 - x2, d3 = y3 - x3;  \
+                    acc.dd[0] += d0 * d0 + d2 * d2;                             \
+                    acc.dd[1] += d1 * d1 + d3 * d3;                             \
+                    acc.mx[0] = vmax(vmax(acc.mx[0], vabs(d0)), vabs(d2));      \
+                    acc.mx[1] = vmax(vmax(acc.mx[1], vabs(d1)), vabs(d3));      \
+                    eq -= (vi)(xe == ye);                                       \
+                    eq -= (vi)(xo == yo);                                       \
+                }                                                               \
+            }                                                                   \
+        } else if (FIRST) { /* a run's first products: no add to zero */      \
+            fa_e = xe * xe;                                                     \
+            fa_o = xo * xo;                                                     \
+            if (op == OP_PAIR) {                                                \
+                fb_e = ye * ye;                                                 \
+                fb_o = yo * yo;                                                 \
+                fab_e = xe * ye;                                                \
+                fab_o = xo * yo;                                                \
+            }                                                                   \
+        } else {                                                                \
+            fa_e += xe * xe;                                                    \
+            fa_o += xo * xo;                                                    \
+            if (op == OP_PAIR) {                                                \
+                fb_e += ye * ye;                                                \
+                fb_o += yo * yo;                                                \
+                fab_e += xe * ye;                                               \
+                fab_o += xo * yo;                                               \
+            }                                                                   \
         }                                                                       \
     } while (0)
+#define NARROW_STEP(PA, PB) NARROW_STEP_(PA, PB, 0)
 
-/* (s, c) += e + o, exactly but for the rounding of c: two TwoSums (Knuth),
- * error-free in float32 (no multiplications, so FMA contraction cannot touch
- * them). Cheaper than converting the lanes to double here, and the float32
- * pair (s, c) carries ~48 significant bits until it is converted once, at
- * the end of a row. */
-INLINE void add2(vf *s, vf *c, vf e, vf o) {
-    vf t = e + o, bt = t - e;
-    vf e1 = (e - (t - bt)) + (o - bt);
-    vf u = *s + t, bu = u - *s;
-    vf e2 = (*s - (u - bu)) + (t - bu);
-    *s = u;
-    *c += e1 + e2;
-}
-
-/* A compensated pair into float64 lanes. Once s is inf or NaN (an inf or NaN
- * value, or float32 overflow), the TwoSum errors are NaN (inf - inf): then
- * s alone is the sum, as in plain float arithmetic. */
-INLINE void pair_out(vd d[2], vf s, vf c) {
-    vd s0 = lo4(s), s1 = hi4(s);
-    vl f0 = (vl)(vabs(s0) < INFINITY), f1 = (vl)(vabs(s1) < INFINITY);
-    d[0] += s0 + (vd)((vl)lo4(c) & f0);
-    d[1] += s1 + (vd)((vl)hi4(c) & f1);
-}
-
-/* The float32 run lanes (<= FLUSH products each) into the compensated sums. */
+/* The float32 run lanes (<= FLUSH products each) into float64 lanes: an
+ * exact conversion, then one double add per lane. */
 #define NARROW_FLUSH()                                                          \
     do {                                                                        \
-        add2(&s_aa, &c_aa, fa_e, fa_o);                                         \
-        if (op != OP_NORM) {                                                    \
-            add2(&s_bb, &c_bb, fb_e, fb_o);                                     \
-            add2(&s_ab, &c_ab, fab_e, fab_o);                                   \
+        if (!IN_DOUBLE(op, code)) {                                             \
+            da0 += lo4(fa_e) + lo4(fa_o);                                       \
+            da1 += hi4(fa_e) + hi4(fa_o);                                       \
+        }                                                                       \
+        if (op == OP_PAIR && !IN_DOUBLE(op, code)) {                            \
+            db0 += lo4(fb_e) + lo4(fb_o);                                       \
+            db1 += hi4(fb_e) + hi4(fb_o);                                       \
+            dab0 += lo4(fab_e) + lo4(fab_o);                                    \
+            dab1 += hi4(fab_e) + hi4(fab_o);                                    \
         }                                                                       \
     } while (0)
 
@@ -272,14 +286,15 @@ INLINE void pair_out(vd d[2], vf s, vf c) {
 /* n <= ROW_PIECE values of one row. */
 INLINE void narrow_row(int op, int code, const char *pa, const char *pb, Py_ssize_t n, Acc *accp) {
     Acc acc = *accp;
-    vf s_aa = {0}, c_aa = {0}, s_bb = {0}, c_bb = {0}, s_ab = {0}, c_ab = {0};
+    vd da0 = {0}, da1 = {0}, db0 = {0}, db1 = {0}, dab0 = {0}, dab1 = {0};
     vi eq = {0};
     const Py_ssize_t z = CODE_SIZE[code], zs = z * STEP;
     Py_ssize_t j = 0;
     for (; j + STEP * FLUSH <= n; j += STEP * FLUSH) {
         NARROW_ZERO();
         const char *qa = pa + j * z, *qb = pb + j * z;
-        for (int t = 0; t < FLUSH; t++) NARROW_STEP(qa + t * zs, qb + t * zs);
+        NARROW_STEP_(qa, qb, 1);
+        for (int t = 1; t < FLUSH; t++) NARROW_STEP(qa + t * zs, qb + t * zs);
         NARROW_FLUSH();
     }
     if (j < n) { /* < 64 values left: whole steps, then one zero-padded step */
@@ -294,10 +309,15 @@ INLINE void narrow_row(int op, int code, const char *pa, const char *pb, Py_ssiz
         }
         NARROW_FLUSH();
     }
-    pair_out(acc.aa, s_aa, c_aa);
-    if (op != OP_NORM) {
-        pair_out(acc.bb, s_bb, c_bb);
-        pair_out(acc.ab, s_ab, c_ab);
+    if (!IN_DOUBLE(op, code)) {
+        acc.aa[0] += da0;
+        acc.aa[1] += da1;
+    }
+    if (op == OP_PAIR && !IN_DOUBLE(op, code)) {
+        acc.bb[0] += db0;
+        acc.bb[1] += db1;
+        acc.ab[0] += dab0;
+        acc.ab[1] += dab1;
     }
     if (op == OP_DIFF)
         for (int k = 0; k < 8; k++) acc.equal += eq[k];
@@ -347,32 +367,66 @@ INLINE void wide_row(int op, int ca, int cb, const char *pa, const char *pb, Py_
     *accp = acc;
 }
 
-/* Element i of any code as double (exact): mixed dtypes, decode tails. */
-INLINE double ld_double(int code, const char *p, Py_ssize_t i) {
+/* Element-wise decoders for plain loops (decode, mixed dtypes): the same
+ * formulas on scalars, written with masks so that the loops vectorise. */
+INLINE float s_bits(uint32_t u) {
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+INLINE uint32_t s_fbits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+INLINE uint32_t s_mask(int c) { return 0u - (uint32_t)c; }
+
+INLINE float s_f16(uint32_t h) {
+    uint32_t em = h & 0x7fffu, sign = (h & 0x8000u) << 16;
+    uint32_t normal = (em << 13) + (112u << 23), special = (em << 13) | 0x7f800000u;
+    uint32_t sub = s_fbits((float)(int32_t)em * 0x1p-24f);
+    uint32_t ms = s_mask((int32_t)em < 0x400), mi = s_mask((int32_t)em > 0x7bff);
+    return s_bits((sub & ms) | (special & mi) | (normal & ~(ms | mi)) | sign);
+}
+
+INLINE float s_e4m3(uint32_t v) {
+    uint32_t em = v & 0x7fu, sign = (v & 0x80u) << 24;
+    uint32_t normal = (em << 20) + (120u << 23);
+    uint32_t sub = s_fbits((float)(int32_t)em * 0x1p-9f);
+    uint32_t ms = s_mask((int32_t)em < 8), mn = s_mask(em == 0x7fu);
+    return s_bits((sub & ms) | (0x7fc00000u & mn) | (normal & ~(ms | mn)) | sign);
+}
+
+/* Element i of a narrow code as float (exact). */
+INLINE float ld_float(int code, const char *p, Py_ssize_t i) {
     uint16_t h;
+    switch (code) {
+    case C_BF16:
+        memcpy(&h, p + 2 * i, 2);
+        return s_bits((uint32_t)h << 16);
+    case C_F16:
+        memcpy(&h, p + 2 * i, 2);
+        return s_f16(h);
+    case C_E4M3:
+        return s_e4m3((uint8_t)p[i]);
+    default:
+        return s_f16((uint32_t)(uint8_t)p[i] << 8);
+    }
+}
+
+/* Element i of any code as double (exact). */
+INLINE double ld_double(int code, const char *p, Py_ssize_t i) {
     float f;
     double d;
     switch (code) {
-    case C_BF16: {
-        uint32_t u;
-        memcpy(&h, p + 2 * i, 2);
-        u = (uint32_t)h << 16;
-        memcpy(&f, &u, 4);
-        return f;
-    }
-    case C_F16:
-        memcpy(&h, p + 2 * i, 2);
-        return vdec_f16((vu){h})[0];
-    case C_E4M3:
-        return vdec_e4m3((vu){(uint8_t)p[i]})[0];
-    case C_E5M2:
-        return vdec_e5m2((vu){(uint8_t)p[i]})[0];
     case C_F32:
         memcpy(&f, p + 4 * i, 4);
         return f;
-    default:
+    case C_F64:
         memcpy(&d, p + 8 * i, 8);
         return d;
+    default:
+        return ld_float(code, p, i);
     }
 }
 
@@ -410,6 +464,18 @@ INLINE void sum_rows(int op, int code, const Mat *a, const Mat *b, Sums *s) {
     acc_out(op, &acc, s);
 }
 
+/* n values of `code` into doubles: one loop per code. */
+INLINE void run_double(int code, const char *p, Py_ssize_t n, double *restrict o) {
+    switch (code) {
+    case C_BF16: for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(C_BF16, p, i); break;
+    case C_F16: for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(C_F16, p, i); break;
+    case C_E4M3: for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(C_E4M3, p, i); break;
+    case C_E5M2: for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(C_E5M2, p, i); break;
+    case C_F32: for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(C_F32, p, i); break;
+    default: memcpy(o, p, (size_t)n * 8); break;
+    }
+}
+
 /* Different dtypes (a diff of bf16 against f32, say): both decoded to double
  * a run at a time, then summed as F64 x F64 (products exact or float64). */
 INLINE void sum_rows_mixed(int op, const Mat *a, const Mat *b, Sums *s) {
@@ -420,8 +486,8 @@ INLINE void sum_rows_mixed(int op, const Mat *a, const Mat *b, Sums *s) {
         const char *pa = a->p + r * a->stride, *pb = b->p + r * b->stride;
         for (Py_ssize_t off = 0; off < a->cols; off += MIXED_RUN) {
             Py_ssize_t m = a->cols - off < MIXED_RUN ? a->cols - off : MIXED_RUN;
-            for (Py_ssize_t i = 0; i < m; i++) x[i] = ld_double(a->code, pa + off * CODE_SIZE[a->code], i);
-            for (Py_ssize_t i = 0; i < m; i++) y[i] = ld_double(b->code, pb + off * CODE_SIZE[b->code], i);
+            run_double(a->code, pa + off * CODE_SIZE[a->code], m, x);
+            run_double(b->code, pb + off * CODE_SIZE[b->code], m, y);
             wide_row(op, C_F64, C_F64, (const char *)x, (const char *)y, m, &acc);
         }
     }
@@ -430,41 +496,25 @@ INLINE void sum_rows_mixed(int op, const Mat *a, const Mat *b, Sums *s) {
 
 /* ---- decode into float32 / float64 ------------------------------------------ */
 
+/* out rows are aligned to their item size (checked by the caller). */
 INLINE void decode_code(int code, int out_size, const Mat *a, char *out, Py_ssize_t out_stride) {
     for (Py_ssize_t r = 0; r < a->rows; r++) {
         const char *pa = a->p + r * a->stride;
         char *po = out + r * out_stride;
-        Py_ssize_t n = a->cols, j = 0;
+        const Py_ssize_t n = a->cols;
         if (code == C_F32 && out_size == 4) {
             memcpy(po, pa, (size_t)n * 4);
-            continue;
-        }
-        if (code == C_F64 && out_size == 8) {
+        } else if (code == C_F64 && out_size == 8) {
             memcpy(po, pa, (size_t)n * 8);
-            continue;
-        }
-        if (!wide(code)) { /* 16 at a time, back into order */
-            for (; j + STEP <= n; j += STEP) {
-                vf e, o;
-                load16(code, pa + j * CODE_SIZE[code], &e, &o);
-                vf v0 = __builtin_shufflevector(e, o, 0, 8, 1, 9, 2, 10, 3, 11);
-                vf v1 = __builtin_shufflevector(e, o, 4, 12, 5, 13, 6, 14, 7, 15);
-                if (out_size == 4) {
-                    memcpy(po + j * 4, &v0, sizeof v0);
-                    memcpy(po + j * 4 + 32, &v1, sizeof v1);
-                } else {
-                    vd d[4] = {lo4(v0), hi4(v0), lo4(v1), hi4(v1)};
-                    memcpy(po + j * 8, d, sizeof d);
-                }
-            }
-        }
-        for (; j < n; j++) {
-            double v = ld_double(code, pa, j);
-            if (out_size == 4) {
-                float f = (float)v; /* F64 -> float32 rounds to nearest, like astype */
-                memcpy(po + j * 4, &f, 4);
-            } else
-                memcpy(po + j * 8, &v, 8);
+        } else if (out_size == 4) {
+            float *o = (float *)po;
+            if (code == C_F64) /* rounds to nearest, like numpy's astype */
+                for (Py_ssize_t i = 0; i < n; i++) o[i] = (float)ld_double(C_F64, pa, i);
+            else
+                for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_float(code, pa, i);
+        } else {
+            double *o = (double *)po;
+            for (Py_ssize_t i = 0; i < n; i++) o[i] = ld_double(code, pa, i);
         }
     }
 }

@@ -12,12 +12,13 @@ dtype with the itemsize of their safetensors dtype code ("BF16", "F16",
 "F32", "F64", "F8_E4M3", "F8_E5M2"). The two inputs of a pair may differ in
 dtype.
 
-Accuracy: cosines within ~1e-9 of float64 over the decoded values. The C
-kernel sums bf16/fp8 products (exact in float32) in float32 lanes of at most
-4 terms, flushed to float64 (longer float32 sums of squares are biased low:
-see _ckernel.c); F16, F32, F64 and mixed dtypes in float64 lanes. The numpy
-kernel decodes 64K-element chunks to float64 and uses float64 dots.
-Differences are taken in float64: max |b-a| and the equality count are exact.
+Accuracy: cosines within ~4e-9 of float64 over the decoded values (bf16 and
+fp8 pair/norm sums in C), else as float64. The C kernel sums bf16/fp8
+products (exact in float32) in float32 lanes of at most 4 terms, then
+without rounding into compensated pairs (longer float32 sums of squares are
+biased low: see _ckernel.c); F16, F32, F64, mixed dtypes and all of
+diff_sums go into float64 lanes. The numpy kernel decodes 64K-value chunks
+to float64 and uses float64 dots. max |b-a| and the equality count are exact.
 
 Non-finite values: inf/NaN propagate into the sums, as in float64 (callers
 report non-finite sums). In the C kernel a bf16 square beyond float32 (|x| >
@@ -31,8 +32,9 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import weakref
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +59,7 @@ class Kernel(Protocol):
 # ---- the numpy kernel ------------------------------------------------------
 
 CHUNK = 1 << 16  # elements per step: the float64 chunks of a pair stay in a 2 MB L2
+CACHE = 1 << 21  # pair_sums decodes blocks up to this many values whole (16 MB of float64)
 
 
 def _check(a: np.ndarray, code: str, what: str) -> np.ndarray:
@@ -92,11 +95,14 @@ class _Scratch(threading.local):
 
     def __init__(self) -> None:
         self.bufs: dict[tuple[str, int], np.ndarray] = {}
+        # pair_sums' last b: (weakref to it, code, its float64 values, <b,b>, buffer key)
+        self.last: tuple[Any, ...] | None = None
 
-    def get(self, key: str, dtype: type) -> np.ndarray:
+    def get(self, key: str, dtype: type, n: int = CHUNK) -> np.ndarray:
+        """A buffer of at least n values (CHUNK at least), grown as needed."""
         buf = self.bufs.get((key, np.dtype(dtype).itemsize))
-        if buf is None:
-            buf = self.bufs[(key, np.dtype(dtype).itemsize)] = np.empty(CHUNK, dtype)
+        if buf is None or buf.size < n:
+            buf = self.bufs[(key, np.dtype(dtype).itemsize)] = np.empty(max(n, CHUNK), dtype)
         return buf
 
 
@@ -123,7 +129,7 @@ class NumpyKernel:
         if code == "BF16" and out.dtype == np.float32:
             np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
         elif code == "BF16":
-            f = self._scratch.get("bf16", np.float32)[: raw.size].reshape(raw.shape)
+            f = self._scratch.get("bf16", np.float32, raw.size)[: raw.size].reshape(raw.shape)
             np.left_shift(raw, 16, out=f.view(np.uint32), dtype=np.uint32)
             np.copyto(out, f)
         elif code == "F16":
@@ -180,11 +186,40 @@ class NumpyKernel:
         return [aa, bb, ab, dd, equal, mx]
 
     def pair_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> PairSums:
-        aa, bb, ab, *_ = self._sums("pair", a, a_code, b, b_code)
+        # A chain of calls (L-1, L), (L, L+1), ...: the previous call's b comes
+        # back as a. Blocks up to CACHE values are decoded whole, and b's float64
+        # values and norm kept for that next call (a weak reference: no buffer
+        # is kept alive): each layer is decoded once, as before the fused kernel.
+        if a.size > CACHE or b.size > CACHE or a.shape != b.shape:
+            aa, bb, ab, *_ = self._sums("pair", a, a_code, b, b_code)
+            return aa, bb, ab
+        last = self._scratch.last
+        if last is not None and last[0]() is a and last[1] == a_code:
+            x, aa, key = last[2], last[3], "wy" if last[4] == "wx" else "wx"  # b goes to the other buffer
+        else:
+            x = self._whole(a, a_code, "wx")
+            aa, key = float(np.dot(x, x)), "wy"
+        y = self._whole(b, b_code, key)
+        bb = float(np.dot(y, y))
+        ab = float(np.dot(x, y))
+        self._scratch.last = (weakref.ref(b), b_code, y, bb, key)
         return aa, bb, ab
 
+    def _whole(self, raw: np.ndarray, code: str, key: str) -> np.ndarray:
+        """All of a (small) raw block as flat float64 values, in a reused buffer."""
+        r = _check(raw, code, "a")
+        if code == "F64":
+            return r.view(np.float64).reshape(-1)
+        out = self._scratch.get(key, np.float64, r.size)[: r.size]
+        with np.errstate(all="ignore"):
+            self._decode_into(r, code, out.reshape(r.shape))
+        return out
+
     def norm_sum(self, a: np.ndarray, a_code: str) -> float:
-        return self._sums("norm", a, a_code, a, a_code)[0]
+        if a.size > CACHE:
+            return self._sums("norm", a, a_code, a, a_code)[0]
+        x = self._whole(a, a_code, "wn")  # the same sum as pair_sums' <a,a> (not its buffers)
+        return float(np.dot(x, x))
 
     def diff_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> DiffSums:
         aa, bb, ab, dd, equal, mx = self._sums("diff", a, a_code, b, b_code)

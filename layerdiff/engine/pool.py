@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import multiprocessing
 import signal
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ..checkpoint.reader import Reader
@@ -56,6 +58,32 @@ def _start_worker(init: Callable[..., None], args: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     init(*args)
+
+
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C while the workers are forked; raise it afterwards.
+
+    SIGINT is blocked in this thread, so a worker, which inherits the mask,
+    cannot get it before it ignores the signal. That alone is not enough: the
+    kernel hands a process-wide SIGINT to any thread that does not block it
+    (tqdm's monitor thread, say), and Python then raises KeyboardInterrupt in
+    the main thread at once, even inside ProcessPoolExecutor between a fork and
+    its record of the child: that worker was left behind, idle, holding the
+    terminal open. So the Python handler only notes the signal here."""
+    if threading.current_thread() is not threading.main_thread():  # signal.signal is main-thread only
+        yield
+        return
+    caught: list[int] = []
+    handler = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        signal.signal(signal.SIGINT, handler)
+    if caught and callable(handler):
+        handler(signal.SIGINT, None)  # the default handler raises KeyboardInterrupt
 
 
 class WorkerDied(LayerdiffError):
@@ -101,18 +129,14 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
     it = iter(items)
     window = window or 4 * jobs
     pending: dict[Future[R], T] = {}
-    # SIGINT blocked while forking: a Ctrl-C at that moment cannot reach a
-    # worker before it ignores the signal; the parent gets it once they exist.
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pool: ProcessPoolExecutor | None = None
     try:
-        pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_worker, (init, args))
-        for item in it:
-            pending[pool.submit(fn, item)] = item
-            if len(pending) >= window:
-                break
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    try:
+        with _sigint_deferred():
+            pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_worker, (init, args))
+            for item in it:
+                pending[pool.submit(fn, item)] = item
+                if len(pending) >= window:
+                    break
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -128,6 +152,7 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
     finally:
         for fut in pending:
             fut.cancel()
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()  # an interrupted or failed pass: do not wait for queued work
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()  # an interrupted or failed pass: do not wait for queued work
+            pool.shutdown(wait=True, cancel_futures=True)
