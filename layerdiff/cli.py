@@ -124,12 +124,12 @@ def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: 
 @clean_errors
 def plot(result: Path, out: Path, stack: str | None) -> None:
     """Plot a scan result: cosines, residual rank and scale track across depth."""
-    from .output import check_writable
+    from .output import check_outputs
     from .present.plot import check_plot_path, plot_result
     from .result import ScanResult
 
     check_plot_path(out)
-    check_writable(out)
+    check_outputs([out], inputs=[result])
     doc = ScanResult.from_json(result)
     try:
         plot_result(doc.to_dict(), out, stack)
@@ -140,16 +140,14 @@ def plot(result: Path, out: Path, stack: str | None) -> None:
 
 def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
     from .api import plan
-    from .output import check_writable, write_json
+    from .output import check_outputs, together, write_json
     from .present.tables import scan_text
 
-    if out is not None:
-        check_writable(out, model.source)
     if plot is not None:
         from .present.plot import check_plot_path
 
         check_plot_path(plot)  # the format, and matplotlib there, before a long scan
-        check_writable(plot, model.source)
+    check_outputs([out, plot], model.source, [s.path for s in model.index.shards] if model.index else [])
     job = plan(model, options)  # fails here, before any reading, if it cannot fit
     if quiet or not sys.stderr.isatty():  # no bar, and no tqdm import (30 ms of start-up)
         result = job.run()
@@ -163,12 +161,13 @@ def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Pat
     if not quiet:
         click.echo(scan_text(result))
     doc = result.to_dict()
-    if plot is not None:  # first: if plotting fails, no JSON is left behind either
-        from .present.plot import plot_result
+    with together():  # both outputs appear, or neither does
+        if plot is not None:
+            from .present.plot import plot_result
 
-        plot_result(doc, plot)
-    if out is not None:
-        write_json(out, doc)
+            plot_result(doc, plot)
+        if out is not None:
+            write_json(out, doc)
     if not quiet:
         for saved in (out, plot):
             if saved is not None:
