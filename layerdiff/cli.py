@@ -13,10 +13,14 @@ import click
 
 from . import __version__
 from .errors import LayerdiffError
+from .present.escape import printable
 
 # Library option names -> the flags that set them, for error messages.
 FLAGS = {"max_memory": "--max-memory", "layers": "--layers", "stack": "--stack", "family": "--family",
          "rank": "--rank", "sketch": "--sketch", "jobs": "--jobs", "revision": "--revision"}
+
+# Exit statuses (README, Errors): 0 done, 1 bad input, 2 usage error, 130 interrupted.
+EXIT_BAD_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,13 +31,44 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LayerdiffError as e:
-            click.echo(f"layerdiff: error: {FLAGS.get(e.where, e.where)}: {e.problem}", err=True)
-            sys.exit(1)
+            where = FLAGS.get(e.where, e.where)
+            message, code = f"layerdiff: error: {printable(where)}: {printable(e.problem)}", EXIT_BAD_INPUT
         except KeyboardInterrupt:
-            click.echo("layerdiff: interrupted; nothing written", err=True)
-            sys.exit(130)
+            message, code = "layerdiff: interrupted; nothing written", EXIT_INTERRUPTED
+        # Out of the `except`: the traceback is gone, and with it the frames that
+        # held a pass's worker pool open; its workers are ended before the exit.
+        click.echo(message, err=True)
+        sys.exit(code)
 
     return wrapper
+
+
+class _Main(click.Group):
+    """click's usage errors as one line, `layerdiff: usage error: ...`, exit 2 (no usage block)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as e:  # plain `layerdiff`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            names, ctx = [], e.ctx
+            while ctx is not None and ctx.parent is not None:
+                names.append(ctx.info_name or "")
+                ctx = ctx.parent
+            command = " ".join(["layerdiff", *reversed(names)])
+            click.echo(f"layerdiff: usage error: {printable(e.format_message())} (see {command} --help)", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            click.echo("layerdiff: interrupted; nothing written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as e:
+            click.echo(f"layerdiff: error: {printable(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -63,7 +98,7 @@ def rank_mode(rank: bool, rank_approx: bool, sketch: int) -> str | None:
     return "exact" if rank else None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="layerdiff")
 def main() -> None:
     """Compare transformer layers straight from safetensors shards."""

@@ -193,3 +193,29 @@ def test_layerdiff_errors_survive_pickling():
     e = pickle.loads(pickle.dumps(FormatError("a/b.safetensors", "the file changed")))
     assert type(e) is FormatError and (e.where, e.problem) == ("a/b.safetensors", "the file changed")
     assert isinstance(e, LayerdiffError) and str(e) == "a/b.safetensors: the file changed"
+
+
+def test_ctrl_c_while_the_workers_start_leaves_none_behind(sharded, tmp_path):
+    """SIGINT is blocked while the pool forks; delivered when it is unblocked, it
+    used to escape before the code that ends the workers, which lived on."""
+    hook = (
+        "import os, signal, concurrent.futures as cf\n"
+        "submit = cf.ProcessPoolExecutor.submit\n"
+        "def first(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # pending: blocked until the workers exist\n"
+        "    cf.ProcessPoolExecutor.submit = submit\n"
+        "    return submit(self, *a, **k)\n"
+        "cf.ProcessPoolExecutor.submit = first\n"
+        "from layerdiff.cli import main\n"
+        "main(prog_name='layerdiff')\n"
+    )
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-c", hook, "scan", str(sharded), "--jobs", "2", "--quiet", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A worker left alive keeps the pipes open: communicate() would wait for it.
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "layerdiff: interrupted; nothing written"
+    assert not out.exists()
+    leftover = subprocess.run(["pgrep", "-f", str(sharded)], capture_output=True, text=True).stdout.split()
+    assert leftover == []

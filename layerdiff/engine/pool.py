@@ -102,17 +102,19 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
     window = window or 4 * jobs
     pending: dict[Future[R], T] = {}
     # SIGINT blocked while forking: a Ctrl-C at that moment cannot reach a
-    # worker before it ignores the signal; the parent gets it once they exist.
+    # worker before it ignores the signal; the parent gets it once they exist,
+    # inside the `try` that ends the workers (outside it, they were orphaned).
+    pool = None
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_worker, (init, args))
-        for item in it:
-            pending[pool.submit(fn, item)] = item
-            if len(pending) >= window:
-                break
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    try:
+        try:
+            pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_worker, (init, args))
+            for item in it:
+                pending[pool.submit(fn, item)] = item
+                if len(pending) >= window:
+                    break
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -122,12 +124,16 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
                 except BrokenProcessPool:
                     raise WorkerDied(item, _how(pool)) from None
                 for nxt in it:
-                    pending[pool.submit(fn, nxt)] = nxt
+                    try:
+                        pending[pool.submit(fn, nxt)] = nxt
+                    except BrokenProcessPool:  # a worker died since `fut` completed
+                        raise WorkerDied(nxt, _how(pool)) from None
                     break
                 yield result
     finally:
         for fut in pending:
             fut.cancel()
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()  # an interrupted or failed pass: do not wait for queued work
-        pool.shutdown(wait=True, cancel_futures=True)
+        if pool is not None:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()  # an interrupted or failed pass: do not wait for queued work
+            pool.shutdown(wait=True, cancel_futures=True)

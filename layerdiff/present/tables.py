@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from ..result import PairStats, ScanResult, StackResult
+from .escape import lines as text_lines
 
 
 def _cols(families: list[str]) -> list[tuple[str, int]]:
@@ -120,4 +121,4 @@ def scan_text(result: ScanResult) -> str:
         f"scanned {run['bytes_analysed'] / 1e9:.3f} GB in {run['seconds']:.2f} s "
         f"({result.settings['jobs']} worker(s), blocks of {result.settings['block_elements']} values)"
     )
-    return "\n".join(out)
+    return text_lines(out)  # names from the file: control characters escaped
