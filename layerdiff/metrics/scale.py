@@ -13,7 +13,8 @@ def scale_pca(scales: dict[str, list[float | None]]) -> dict[str, Any]:
     Families with a zero norm somewhere are left out (log 0 would poison it).
     """
     used = [f for f, v in scales.items() if v and all(x is not None and x > 0 for x in v)]
-    zero = [f for f, v in scales.items() if v and all(x is not None for x in v) and f not in used]
+    usable = set(used)  # a set: `in` a list of 50,000 experts made this quadratic (32 s)
+    zero = [f for f, v in scales.items() if v and all(x is not None for x in v) and f not in usable]
     out: dict[str, Any] = {"fam_used": used, "left_out_zero_norm": zero}
     if not used:
         return out | {"singvals": [], "loadings": [], "scores": [], "explained": []}
