@@ -19,10 +19,11 @@ from typing import Any, Callable
 from .checkpoint.files import watching
 from .checkpoint.index import TensorIndex, load_index
 from .checkpoint.sources import Source, resolve
-from .engine import chain, gram
+from .engine import centred, chain, gram, multi
 from .engine.plan import Plan, plan_scan
 from .errors import SelectionError
 from .layout import Layout, build_layout
+from .metrics.allpairs import chain_totals, with_all_pairs
 from .metrics.stack import stack_result
 from .options import MiB, ScanOptions
 from .result import ScanResult
@@ -60,12 +61,13 @@ def inspect(model: str, revision: str | None = None, cache_dir: str | None = Non
 
 def scan_options(max_memory: int | str = 256 * MiB, jobs: int = 0, stacks: tuple[str, ...] | list[str] = (),
                  families: tuple[str, ...] | list[str] = (), layers: tuple[int, int] | str | None = None,
-                 rank: bool | str | None = None, sketch: int = 0) -> ScanOptions:
+                 rank: bool | str | None = None, sketch: int = 0, all_pairs: bool = False,
+                 gram: bool = False) -> ScanOptions:
     """ScanOptions from friendly values: sizes as '256M', layers as '4:12', rank=True for exact."""
     memory = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     layer_range = parse_layers(layers) if isinstance(layers, str) else layers
     mode = "exact" if rank is True else (rank or None)
-    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch)
+    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch, all_pairs, gram)
 
 
 @dataclass
@@ -76,10 +78,15 @@ class ScanJob:
     options: ScanOptions
     plan: Plan
     rank_plan: gram.RankPlan | None
+    centred_plan: centred.CentredPlan | None = None
 
     @property
     def total(self) -> int:
-        return self.rank_plan.total_bytes(self.plan) if self.rank_plan else self.plan.bytes_total
+        more = self.centred_plan.total_bytes(self.plan) if self.centred_plan else 0
+        if self.rank_plan is None:
+            return self.plan.bytes_total + more
+        extra = self.plan.bytes_total if self.options.all_pairs else 0  # all-pairs reads everything once more
+        return self.rank_plan.total_bytes(self.plan) + extra + more
 
     def run(self, progress: Progress | None = None) -> ScanResult:
         # A shard that changed while it was read is the error, whatever else happened.
@@ -89,8 +96,15 @@ class ScanJob:
     def _run(self, progress: Progress | None) -> ScanResult:
         started = time.perf_counter()
         plan, rplan = self.plan, self.rank_plan
-        ranks = None
-        if rplan is not None:
+        ranks = grams = None
+        if self.options.all_pairs:
+            # Every layer's block at once: all inner products, the adjacent ones among them.
+            grams, io = multi.execute(plan, progress=progress)
+            totals = [chain_totals(g) for g, _ in grams]
+            if rplan is not None:
+                _, ranks, rank_io = gram.run_rank(plan, rplan, progress)
+                io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
+        elif rplan is not None:
             # 2-D families: one pair-major pass gives norms, cosines and spectra (each
             # tensor read twice); the rest (1-D) takes the chain pass.
             done = rplan.segments
@@ -103,27 +117,46 @@ class ScanJob:
             io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
         else:
             totals, io = chain.execute(plan, progress)
+        gram_mats: dict[tuple[int, int], Any] = {}
+        if self.centred_plan is not None:
+            for key, v in centred.run_centred(plan, self.centred_plan, progress).items():
+                ranks = ranks or {}
+                ranks[key] = ranks.get(key, {}) | v
+            gram_mats = centred.run_matrices(plan, self.centred_plan)
+        return self.result(totals, io, ranks, time.perf_counter() - started, grams, gram_mats)
+
+    def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,
+               seconds: float = 0.0, grams: Any = None, gram_mats: dict[tuple[int, int], Any] | None = None
+               ) -> ScanResult:
+        """The typed result from the passes' per-segment sums (which may come from
+        several runs over parts of the plan, added up: a sweep's distributed tasks)."""
+        plan, rplan = self.plan, self.rank_plan
         layout = self.model.layout
         stacks = {name: stack_result(name, layout, plan, totals, ranks)
                   for name in sorted({s.stack for s in plan.segments})}
+        if grams is not None:
+            left = self.centred_plan.matrix_left_out if self.centred_plan else {}
+            stacks = {name: with_all_pairs(st, layout, plan, grams, gram_mats or {}, left) for name, st in stacks.items()}
         main = layout.main_stack()
         main_name = main.name if main and main.name in stacks else next(iter(stacks))
         o = self.options
         settings = {
             "max_memory": o.max_memory, "jobs": plan.jobs, "block_elements": plan.block,
             "stacks": list(o.stacks), "families": list(o.families), "layers": list(o.layers) if o.layers else None,
-            "rank": gram.describe(rplan) if rplan else None,
+            "rank": gram.describe(rplan) if rplan else None, "all_pairs": o.all_pairs,
+            "gram": self.centred_plan.describe() if self.centred_plan else None,
         }
-        run = {"seconds": time.perf_counter() - started, "bytes_analysed": plan.bytes_total, **io}
+        run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source
         return ScanResult(source.spec if source else "", source.describe() if source else {}, layout.arch,
-                          main_name, stacks, settings, run)
+                          main_name, stacks, settings, run, layout.labels(list(stacks), main_name))
 
 
 def plan(model: Model, options: ScanOptions) -> ScanJob:
     """Plan a scan: segments, workers, blocks and (with rank) the spectra, all within the budget."""
     p = plan_scan(model.layout, options)
-    return ScanJob(model, options, p, gram.plan_rank(p, options) if options.rank else None)
+    return ScanJob(model, options, p, gram.plan_rank(p, options) if options.rank else None,
+                   centred.plan_centred(p, model.layout, options) if options.gram else None)
 
 
 def scan(model: str | Model, progress: Progress | None = None, revision: str | None = None,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .checkpoint.jsonfile import read_json
 from .errors import FormatError
 from .layout import SEED_FAMILIES
 from .metrics.registry import METRICS
@@ -215,8 +216,6 @@ class ScanResult:
 
     @classmethod
     def from_json(cls, path: str | Path) -> ScanResult:
-        from .checkpoint.jsonfile import read_json
-
         return cls.from_dict(read_json(Path(path), "scan result"), str(path))
 
     def to_frame(self) -> Any:

@@ -681,10 +681,10 @@ def test_inspect_shows_architecture_mapping_splits_and_dequantisation():
 
 
 def test_every_known_architecture_is_in_the_table_doc():
-    from layerdiff.layout import ARCHS
+    from layerdiff.archs import registry
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md").read_text()
-    for arch in ARCHS:
+    for arch in registry.load(env=False).archs:
         assert f"`{arch.name}`" in doc, arch.name
         for model_type in arch.model_types:
             assert model_type in doc, (arch.name, model_type)

@@ -7,7 +7,7 @@ import math
 import xml.etree.ElementTree as ET
 
 import pytest
-from conftest import EXAMPLE, qwen3_like, run_cli, write_checkpoint
+from conftest import EXAMPLE, FIXTURES, qwen3_like, run_cli, write_checkpoint
 
 pytest.importorskip("matplotlib")
 
@@ -188,3 +188,38 @@ def test_cli_plot_of_something_else_is_a_clean_error(tmp_path, text, problem):
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith(f"layerdiff: error: {bad}: {problem}"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.png").exists()
+
+
+def test_heatmaps_of_all_pairs_and_gram_cos_name_every_family(tmp_path):
+    import layerdiff
+    from matplotlib.image import AxesImage
+
+    result = layerdiff.scan(str(FIXTURES / "hf" / "qwen3_moe"), all_pairs=True, gram=True, max_memory="2G").to_dict()
+    st = result["stacks"]["model.layers"]
+    fig = make_figure(result)
+    images = fig.findobj(AxesImage)
+    matrices = len(st["all_pairs"]) + sum("gram_cos" in a for a in st["all_pairs"].values())
+    assert len(images) == 2 + matrices  # cos and gram_cos grids, then the L x L matrices (cos, gram_cos)
+    grid_axes = [im.axes for im in images[:2]]
+    for ax, key in zip(grid_axes, ("cos", "gram_cos")):
+        shown = {t.get_text() for t in ax.get_yticklabels()}
+        with_value = {f for pr in st["pairs"] for f, s in pr["families"].items() if s.get(key) is not None}
+        assert shown == with_value
+        missing = set(st["families"]) - with_value
+        assert all(f in ax.get_title() for f in list(missing)[:3]) or "in all" in ax.get_title()
+    plot_result(result, tmp_path / "h.png")
+    assert (tmp_path / "h.png").stat().st_size > 50_000
+
+
+def test_diff_heatmaps(tmp_path, rng):
+    import layerdiff
+    from matplotlib.image import AxesImage
+
+    from layerdiff.present.heatmaps import diff_figure
+    from layerdiff.present.plot import plot_diff
+
+    r = layerdiff.diff(str(FIXTURES / "hf" / "qwen3"), str(FIXTURES / "hf" / "qwen3"), max_memory="2G")
+    fig = diff_figure(r)
+    assert len(fig.findobj(AxesImage)) == 2  # rel_change and cos per stack
+    plot_diff(r, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 20_000

@@ -93,6 +93,7 @@ def truth(a: np.ndarray, b: np.ndarray) -> dict:
 def check_against_svd(folder, **opts) -> int:
     """Every rank number of a scan against the SVD of the explicit residual; returns pairs checked."""
     layout = open_layout(folder)
+    opts.setdefault("max_memory", 4 << 30)  # in-process: above this pytest process's own RSS
     options = ScanOptions(rank="exact", **opts)
     plan = plan_scan(layout, options)
     result = scan(layout, options, plan=plan)

@@ -21,22 +21,26 @@ import errno
 import mmap
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
+from ..engine import fused
 from ..errors import FormatError
 from .files import changed, open_regular, os_problem
 from .index import TensorInfo, grid
 
-NUMPY_DTYPES: dict[str, np.dtype] = {
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+# Blocks are views of the stored bytes as unsigned integers of the dtype's size;
+# the fused kernel decodes them (no ml_dtypes: importing it costs ~0.7 s).
+RAW_DTYPES: dict[str, np.dtype] = {
+    "F16": np.dtype("<u2"),
+    "BF16": np.dtype("<u2"),
+    "F32": np.dtype("<u4"),
+    "F64": np.dtype("<u8"),
+    "F8_E4M3": np.dtype("u1"),
+    "F8_E5M2": np.dtype("u1"),
 }
 
 _PAGE = mmap.PAGESIZE
@@ -102,10 +106,10 @@ class Reader:
         return err or FormatError(t.file, what)
 
     def rows(self, t: TensorInfo, r0: int, r1: int) -> np.ndarray:
-        """Rows [r0, r1) of `t` as a (rows, cols) array, viewing the mapping or
-        a reused buffer: valid until `release`, or the next `rows` call once dropped."""
+        """Rows [r0, r1) of `t` as a (rows, cols) array of raw bytes (see RAW_DTYPES), viewing
+        the mapping or a reused buffer: valid until `release`, or the next `rows` call once dropped."""
         _, cols = grid(t.shape)
-        dtype = NUMPY_DTYPES[t.dtype]
+        dtype = RAW_DTYPES[t.dtype]
         start = t.start + r0 * cols * dtype.itemsize
         count = (r1 - r0) * cols
         nbytes = count * dtype.itemsize
@@ -134,11 +138,23 @@ class Reader:
         if not self.mapped:
             return
         _, cols = grid(t.shape)
-        itemsize = NUMPY_DTYPES[t.dtype].itemsize
+        itemsize = RAW_DTYPES[t.dtype].itemsize
         m = self._map(t)
         lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m), _RELEASE)
         if hi > lo:
             m.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    @contextmanager
+    def block(self, t: TensorInfo, r0: int, r1: int, scale: TensorInfo | None = None,
+              scale_block: tuple[int, int] | None = None) -> Iterator[Block]:
+        """Rows [r0, r1) of `t` to decode parts of, released afterwards: the one
+        decode / dequantise / page-release path every pass uses."""
+        blk = Block(self, t, r0, r1, scale, scale_block)
+        try:
+            yield blk
+        finally:
+            blk.raw = None
+            self.release(t, r0, r1)
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         """A byte buffer of at least `nbytes` that no array handed out still views."""
@@ -181,8 +197,27 @@ class Reader:
         self._bufs.clear()
 
 
+class Block:
+    """A mapped row block of one tensor and the scale rows that dequantise it."""
+
+    def __init__(self, reader: Reader, t: TensorInfo, r0: int, r1: int, scale: TensorInfo | None,
+                 scale_block: tuple[int, int] | None) -> None:
+        self.r0 = r0
+        self.code = t.dtype  # the safetensors dtype of `raw`
+        self.raw: np.ndarray | None = reader.rows(t, r0, r1)
+        self.scale_block = scale_block or (1, 1)
+        self.grid, self.scale_r0 = (scale_rows(reader, scale, self.scale_block, r0, r1) if scale is not None
+                                    else (None, 0))
+
+    def decode(self, spans: list[tuple[int, int]], c0: int, c1: int, out: np.ndarray) -> None:
+        """Rows `spans` (absolute), columns [c0, c1) as values (dequantised) into the flat `out`."""
+        assert self.raw is not None, "decode after release"
+        decode(self.raw, self.code, self.r0, spans, c0, c1, out, self.grid, self.scale_block, self.scale_r0)
+
+
 def decode(
     block: np.ndarray,
+    code: str,
     r0: int,
     spans: list[tuple[int, int]],
     c0: int,
@@ -192,9 +227,10 @@ def decode(
     scale_block: tuple[int, int] = (1, 1),
     scale_r0: int = 0,
 ) -> None:
-    """Copy the rows `spans` (absolute row numbers; `block` starts at row r0),
-    columns [c0, c1), of a raw block into the flat buffer `out`, converting to
-    out's dtype. Values land in row-major order; the rest of `out` is untouched.
+    """Decode the rows `spans` (absolute row numbers; `block`, of safetensors
+    dtype `code`, starts at row r0), columns [c0, c1), of a raw block into the
+    flat float32/float64 buffer `out`. Values land in row-major order; the rest
+    of `out` is untouched.
 
     With `scale` (rows of a scale grid from block row `scale_r0` on, see
     `scale_rows`), each value is multiplied by the scale of its
@@ -203,7 +239,7 @@ def decode(
     width = c1 - c0
     for a, b in spans:
         dst = out[k : k + (b - a) * width].reshape(b - a, width)
-        np.copyto(dst, block[a - r0 : b - r0, c0:c1], casting="unsafe")
+        fused.decode(block[a - r0 : b - r0, c0:c1], code, dst)
         if scale is not None:
             dequantise(dst, a, c0, c1, scale, scale_block, scale_r0)
         k += (b - a) * width
@@ -214,7 +250,10 @@ def scale_rows(reader: Reader, scale: TensorInfo, scale_block: tuple[int, int], 
     the block row the first of them belongs to."""
     br = scale_block[0]
     a, b = r0 // br, (r1 - 1) // br + 1
-    out = reader.rows(scale, a, b).astype(np.float32)
+    raw = reader.rows(scale, a, b)
+    out = np.empty(raw.shape, np.float32)
+    fused.decode(raw, scale.dtype, out)
+    del raw
     reader.release(scale, a, b)
     return out, a
 

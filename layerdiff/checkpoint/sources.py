@@ -66,14 +66,21 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
             if revision is not None:
                 raise LayerdiffError(model, "--revision applies to hub repo ids, not to local paths")
             return _local(model, path)
-        if not _REPO_ID.match(model) or model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".json")):
-            raise SourceError(model, "no such file or directory")
-        first = Path(model.split("/")[0])
-        if "/" in model and first.is_dir():
-            raise SourceError(model, f"no such file or directory (a path, not a hub repo id: {first}/ is a local directory)")
     except OSError as e:  # a name too long, a directory we may not list...
         raise LayerdiffError(e.filename or model, f"cannot read: {e.strerror or first_line(e)}") from None
-    return _hub(model, revision, cache_dir)
+    repo_id, at, rev = model.partition("@")  # org/name@REV: the hub's own convention for a revision
+    if at:
+        if revision is not None and revision != rev:
+            raise LayerdiffError(model, f"names revision {rev!r} and --revision {revision!r}: give one")
+        revision = rev
+    if not _REPO_ID.match(repo_id) or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
+        raise SourceError(model, "no such file or directory")
+    first = Path(repo_id.split("/")[0])
+    if "/" in repo_id and first.is_dir():
+        raise SourceError(model, f"no such file or directory (a path, not a hub repo id: {first}/ is a local directory)")
+    source = _hub(repo_id, revision, cache_dir)
+    source.spec = model
+    return source
 
 
 def _local(spec: str, path: Path, **hub: Any) -> Source:

@@ -76,19 +76,19 @@ def plan_budget(max_memory: int, jobs: int, widest: int, streams: int = 2) -> Bu
         jobs -= 1
     held = base * (jobs + 1) if jobs > 1 else base
     block = (max_memory - held) // (jobs * per_element)
+    at_once = f" with {streams} layers' blocks at once" if streams > 2 else ""
     if block < MIN_BLOCK:
         need = held + MIN_BLOCK * per_element
         raise BudgetError(
             "max_memory",
-            f"{max_memory // MiB} MiB is too small: this process already uses {base // MiB} MiB, "
+            f"{max_memory // MiB} MiB is too small{at_once}: this process already uses {base // MiB} MiB, "
             f"and this needs at least {-(-need // MiB)} MiB",
         )
     if widest > block:
         need = held + widest * jobs * per_element
         raise BudgetError(
             "max_memory",
-            f"{max_memory // MiB} MiB is too small for rows of {widest} values"
-            + (f" in {streams} layers at once" if streams > 2 else "")
-            + f" (needs about {-(-need // MiB)} MiB)",
+            f"{max_memory // MiB} MiB is too small for rows of {widest} values{at_once}"
+            f" (it needs at least {-(-need // MiB)} MiB)",
         )
     return Budget(max_memory, base, jobs, min(MAX_BLOCK, block))

@@ -1,36 +1,30 @@
 """The chain pass: adjacent-layer sums |W_L|^2 and <W_L, W_L+1>, streamed.
 
-An item walks the layers of one row block in order, decodes the block of
-layer L once, and combines it with the still-decoded block of layer L-1: every
-analysed byte is read exactly once, and only two decoded blocks per worker are
-alive.
+An item walks the layers of one row block in order. The fused kernel
+(`fused.pair_sums`) reads the raw mapped bytes of layer L-1 and layer L and
+returns |W_L|^2 and <W_L-1, W_L> in one pass, decoding in registers: no
+decoded copies. Layer L-1's block stays mapped until it is paired with L, so
+two raw blocks per worker are alive; every analysed byte is read from storage
+once (the second look at L-1 comes from the page cache, usually the CPU's).
+Dequantised (fp8 with block scales) layers are decoded and scaled into
+float32 buffers first, and those go through the same kernel.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from typing import Any, Callable
 
 import numpy as np
 
-from ..checkpoint.reader import Reader, decode, scale_rows
+from ..checkpoint.reader import Block, Reader
 from ..layout import grid
-from . import pool
+from . import fused, pool
 from .budget import read_bytes
-from .kernel import padded, rowdot
 from .plan import Plan, Segment, clip
 
 Totals = list[tuple[np.ndarray, np.ndarray]]  # per segment: squared norms (parts x layers), dots (parts x pairs)
-
-
-def _arena(dtype: type, n: int) -> np.ndarray:
-    """A per-process scratch buffer, grown as needed and reused across items:
-    fresh buffers per item cost a page fault per 4 KB."""
-    key = f"arena-{np.dtype(dtype).name}"
-    buf = pool.STATE.get(key)
-    if buf is None or buf.size < n:
-        buf = pool.STATE[key] = np.empty(n, dtype)
-    return buf
 
 
 def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarray, np.ndarray, int, int, int]:
@@ -43,43 +37,78 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
     norms = np.zeros((len(seg.parts), n_layers))
     dots = np.zeros((len(seg.parts), max(n_layers - 1, 0)))
     before = reader.bytes_mapped
-    # Per part: where its values sit in the block, and its current/previous buffers.
-    work = []
+    # Per part: where its values sit in the block (row spans, columns) and their count.
     shares = []
     for part in seg.parts:
         spans = clip(part.rows, r0, r1)
         c0, c1 = part.cols or (0, cols)
         shares.append((spans, c0, c1, sum(b - a for a, b in spans) * (c1 - c0)))
-    # The parts of a fused tensor share the block: buffers for their shares, not a block each.
-    arena = _arena(seg.work_dtype, 2 * sum(padded(n) for *_, n in shares))
-    used = 0
-    for spans, c0, c1, n in shares:
-        pair = arena[used : used + 2 * padded(n)].reshape(2, padded(n))
-        pair[:, n:] = 0  # the padding must not add to any sum
-        used += 2 * padded(n)
-        work.append([spans, c0, c1, pair[0], pair[1]])
-    # inf/NaN weights give inf/NaN sums, reported as such: no warnings on stderr.
-    with np.errstate(all="ignore"):
-        _chain(seg, reader, r0, r1, work, norms, dots)
+    _chain(seg, reader, r0, r1, shares, norms, dots)
     return item, norms, dots, reader.bytes_mapped - before, os.getpid(), read_bytes()
 
 
-def _chain(seg: Segment, reader: Reader, r0: int, r1: int, work: list[list[Any]], norms: np.ndarray,
+def _arena(dtype: type, n: int) -> np.ndarray:
+    """A per-process scratch buffer, grown as needed and reused across items:
+    fresh buffers per item cost a page fault per 4 KB."""
+    key = f"arena-{np.dtype(dtype).name}"
+    buf = pool.STATE.get(key)
+    if buf is None or buf.size < n:
+        buf = pool.STATE[key] = np.empty(n, dtype)
+    return buf
+
+
+def raw_pieces(block: Block, code: str, shares: list[tuple[Any, ...]], buf: np.ndarray | None) -> list[Pieces]:
+    """Each part of a block as kernel inputs: views of the raw mapped rows, or,
+    for a dequantised block, of its values decoded and scaled into `buf`."""
+    out = []
+    used = 0
+    for spans, c0, c1, n in shares:
+        if buf is None:
+            out.append([(block.raw[a - block.r0 : b - block.r0, c0:c1], code) for a, b in spans])
+            continue
+        flat = buf[used : used + n]
+        used += n
+        block.decode(spans, c0, c1, flat)
+        pieces, k = [], 0
+        for a, b in spans:
+            pieces.append((flat[k : k + (b - a) * (c1 - c0)].reshape(b - a, c1 - c0), "F32" if buf.dtype == np.float32 else "F64"))
+            k += (b - a) * (c1 - c0)
+        out.append(pieces)
+    return out
+
+
+def _chain(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[Any, ...]], norms: np.ndarray,
            dots: np.ndarray) -> None:
-    """Walk the layers of rows [r0, r1): decode each once, add its sums."""
-    for i, t in enumerate(seg.tensors):
-        block = reader.rows(t, r0, r1)
-        scale = seg.scales[i] if seg.scales else None
-        sgrid, sr0 = scale_rows(reader, scale, seg.scale_block, r0, r1) if scale is not None else (None, 0)
-        for p, w in enumerate(work):
-            spans, c0, c1, cur, prev = w
-            decode(block, r0, spans, c0, c1, cur, sgrid, seg.scale_block or (1, 1), sr0)
-            norms[p, i] = rowdot(cur, cur)
-            if i:
-                dots[p, i - 1] = rowdot(prev, cur)
-            w[3], w[4] = prev, cur
-        del block
-        reader.release(t, r0, r1)
+    """Walk the layers of rows [r0, r1): each layer's block is paired with the
+    previous one (still mapped) in one kernel call per piece, then the previous
+    one is released."""
+    total = sum(n for *_, n in shares)
+    # Dequantised layers alternate between two halves of one scratch buffer.
+    scratch = _arena(seg.work_dtype, 2 * total) if any(seg.scales) else None
+    held: list[ExitStack] = []  # the open blocks: the previous layer's and this one's
+    prev: list[Pieces] = []
+    try:
+        for i, t in enumerate(seg.tensors):
+            scale = seg.scales[i] if seg.scales else None
+            stack = ExitStack()
+            held.append(stack)
+            block = stack.enter_context(reader.block(t, r0, r1, scale, seg.scale_block))
+            buf = None if scale is None else scratch[(i % 2) * total : (i % 2 + 1) * total]
+            cur = raw_pieces(block, t.dtype, shares, buf)
+            for p, pieces in enumerate(cur):
+                if i == 0:
+                    norms[p, 0] = sum(fused.norm_sum(x, code) for x, code in pieces)
+                    continue
+                for (x, xc), (y, yc) in zip(prev[p], pieces):
+                    _, bb, ab = fused.pair_sums(x, xc, y, yc)
+                    norms[p, i] += bb
+                    dots[p, i - 1] += ab
+            if len(held) == 2:
+                held.pop(0).close()  # release the previous layer's pages
+            prev = cur
+    finally:
+        for stack in held:
+            stack.close()
 
 
 def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[Totals, dict[str, int]]:

@@ -62,11 +62,11 @@ import ctypes
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..checkpoint.reader import NUMPY_DTYPES, Reader, decode, scale_rows
+from ..checkpoint.reader import RAW_DTYPES, Reader
 from ..errors import BudgetError
 from ..layout import grid
 from ..metrics.spectra import exact_stats, nystrom_lower, sketch_stats
@@ -145,7 +145,7 @@ def _call_syrk(fn: Any, g: np.ndarray, x: np.ndarray, trans: bool) -> None:
     fn(101, 121, 112 if trans else 111, d, k, 1.0, x.ctypes.data, x.shape[1], 1.0, g.ctypes.data, d)
 
 
-class _Gram:
+class SyrkGram:
     """G += X^T X for blocks X (exact mode); only the upper triangle is meaningful."""
 
     def __init__(self, d: int, side: str) -> None:
@@ -229,6 +229,7 @@ class RankTask:
     step: int  # rows (cols side) or columns (rows side) per block
     need: int  # bytes the task holds at its peak, beyond its process's base
     nbytes: int  # bytes one layer of the part occupies in the file
+    delta: bool = False  # the spectrum of D = b - a itself (diff), not of the unit-norm residual
 
     @property
     def d(self) -> int:
@@ -253,30 +254,30 @@ class RankPlan:
         pass's segments, plus both layers of every pair the rank pass decodes."""
         done = self.segments
         chain = sum(t.nbytes for i, s in enumerate(plan.segments) if i not in done for t in s.tensors)
-        itemsize = {t.seg: _itemsize(plan.segments[t.seg]) for t in self.tasks}
+        itemsize = {t.seg: itemsize_of(plan.segments[t.seg]) for t in self.tasks}
         return chain + sum(
             2 * t.m * t.n * itemsize[t.seg] * (len(plan.segments[t.seg].layers) - 1) for t in self.tasks
         )
 
 
-def _part_dims(seg: Segment, part: Part) -> tuple[int, int]:
+def part_dims(seg: Segment, part: Part) -> tuple[int, int]:
     rows, cols = grid(seg.shape)
     m = sum(b - a for a, b in part.rows) if part.rows is not None else rows
     c0, c1 = part.cols or (0, cols)
     return m, c1 - c0
 
 
-def _itemsize(seg: Segment) -> int:
-    return max(NUMPY_DTYPES[t.dtype].itemsize for t in seg.tensors)
+def itemsize_of(seg: Segment) -> int:
+    return max(RAW_DTYPES[t.dtype].itemsize for t in seg.tensors)
 
 
-def _gram_need(m: int, n: int, itemsize: int, fast: bool, room: int) -> tuple[str, int, int]:
+def _gram_need(m: int, n: int, itemsize: int, fast: bool, room: int, delta: bool = False) -> tuple[str, int, int]:
     """(side, step, bytes) of the exact mode for an m x n part; blocks shrink
     (down to MIN_BLOCK_ROWS) when the default ones do not fit in `room`."""
     side, d, width = ("cols", n, n) if n <= m else ("rows", m, m)
     length = m if side == "cols" else n  # rows (or columns) to walk
     step = max(MIN_BLOCK_ROWS, min(length, BLOCK_BYTES // (8 * width)))
-    grams = (3 if fast else 4) * d * d * 8
+    grams = (1 if delta else 3) * d * d * 8 + (0 if fast else d * d * 8)
     while True:
         blocks = 2 * step * width * 8
         if side == "cols":  # mapped pages of two row blocks
@@ -309,7 +310,7 @@ def _fit_sketch(m: int, n: int, itemsize: int, room: int, wanted: int) -> int:
     return min(k, min(m, n))
 
 
-def plan_rank(plan: Plan, options: ScanOptions) -> RankPlan:
+def plan_rank(plan: Plan, options: ScanOptions, delta: bool = False) -> RankPlan:
     """Which families get a spectrum, how, and where, within --max-memory.
 
     Fails up front (BudgetError) when an exact spectrum cannot fit, saying
@@ -330,13 +331,13 @@ def plan_rank(plan: Plan, options: ScanOptions) -> RankPlan:
     for si, seg in enumerate(plan.segments):
         if len(seg.shape) < 2 or len(seg.layers) < 2:
             continue
-        itemsize = _itemsize(seg)
+        itemsize = itemsize_of(seg)
         for pi, part in enumerate(seg.parts):
-            m, n = _part_dims(seg, part)
+            m, n = part_dims(seg, part)
             if min(m, n) < 1:
                 continue
             nbytes = m * n * itemsize
-            side, step, need = _gram_need(m, n, itemsize, fast, solo_room)
+            side, step, need = _gram_need(m, n, itemsize, fast, solo_room, delta)
             method, k = "gram", 0
             if mode == "sketch" or (need > solo_room and mode == "auto"):
                 method, side = "sketch", "cols"
@@ -353,7 +354,8 @@ def plan_rank(plan: Plan, options: ScanOptions) -> RankPlan:
                 )
                 at_least = max(at_least, need + base + BASE_GROWTH)
                 continue
-            rp.tasks.append(RankTask(si, pi, part.family, seg.stack, m, n, side, method, k, step, need, nbytes))
+            rp.tasks.append(RankTask(si, pi, part.family, seg.stack, m, n, side, method, k, step, need, nbytes,
+                                     delta))
     if too_big:
         hint = f"; raise --max-memory to {-(-at_least // MiB)}M or more"
         if mode == "exact":
@@ -389,21 +391,13 @@ class TaskResult:
 def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: list[tuple[int, int]],
                  c0: int, c1: int, out: np.ndarray) -> None:
     """Rows `spans` (within [r0, r1)), columns [c0, c1) of layer i's tensor into `out`, as values."""
-    t = seg.tensors[i]
-    block = reader.rows(t, r0, r1)
-    scale = seg.scales[i] if seg.scales else None
-    if scale is not None:
-        sgrid, sr0 = scale_rows(reader, scale, seg.scale_block, r0, r1)
-        decode(block, r0, spans, c0, c1, out, sgrid, seg.scale_block or (1, 1), sr0)
-    else:
-        decode(block, r0, spans, c0, c1, out)
-    del block
-    reader.release(t, r0, r1)
+    with reader.block(seg.tensors[i], r0, r1, seg.scales[i] if seg.scales else None, seg.scale_block) as block:
+        block.decode(spans, c0, c1, out)
 
 
-def _pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int, bufa: np.ndarray, bufb: np.ndarray):
-    """Decoded float64 blocks (a, b) of layers ia and ib: (rows x n) row blocks on
-    the "cols" side, (m x cols) column blocks on the "rows" side."""
+def layer_blocks(reader: Reader, seg: Segment, task: Any, i: int, buf: np.ndarray) -> Iterator[np.ndarray]:
+    """Decoded float64 blocks of layer i's part: (rows x n) row blocks on the "cols"
+    side, (m x cols) column blocks on the "rows" side. `task` gives part, side, step, m."""
     part = seg.parts[task.part]
     rows, cols = grid(seg.shape)
     c0, c1 = part.cols or (0, cols)
@@ -413,27 +407,27 @@ def _pair_blocks(reader: Reader, seg: Segment, task: RankTask, ia: int, ib: int,
             r1 = min(rows, r0 + task.step)
             spans = clip(part.rows, r0, r1)
             cnt = sum(b - a for a, b in spans)
-            if not cnt:
-                continue
-            xa, xb = bufa[: cnt * n], bufb[: cnt * n]
-            _decode_rows(reader, seg, ia, r0, r1, spans, c0, c1, xa)
-            _decode_rows(reader, seg, ib, r0, r1, spans, c0, c1, xb)
-            yield xa.reshape(cnt, n), xb.reshape(cnt, n)
+            if cnt:
+                _decode_rows(reader, seg, i, r0, r1, spans, c0, c1, buf[: cnt * n])
+                yield buf[: cnt * n].reshape(cnt, n)
     else:
-        m = task.m
         for q0 in range(c0, c1, task.step):
-            q1 = min(c1, q0 + task.step)
-            w = q1 - q0
-            for i, buf in ((ia, bufa), (ib, bufb)):
-                k = 0
-                for r0 in range(0, rows, ROW_CHUNK):
-                    r1 = min(rows, r0 + ROW_CHUNK)
-                    spans = clip(part.rows, r0, r1)
-                    cnt = sum(b - a for a, b in spans)
-                    if cnt:
-                        _decode_rows(reader, seg, i, r0, r1, spans, q0, q1, buf[k : k + cnt * w])
-                        k += cnt * w
-            yield bufa[: m * w].reshape(m, w), bufb[: m * w].reshape(m, w)
+            w = min(c1, q0 + task.step) - q0
+            k = 0
+            for r0 in range(0, rows, ROW_CHUNK):
+                r1 = min(rows, r0 + ROW_CHUNK)
+                spans = clip(part.rows, r0, r1)
+                cnt = sum(b - a for a, b in spans)
+                if cnt:
+                    _decode_rows(reader, seg, i, r0, r1, spans, q0, q0 + w, buf[k : k + cnt * w])
+                    k += cnt * w
+            yield buf[: task.m * w].reshape(task.m, w)
+
+
+def pair_blocks(reader: Reader, seg: Segment, task: Any, ia: int, ib: int, bufa: np.ndarray,
+                bufb: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The same blocks of layers ia and ib, side by side."""
+    yield from zip(layer_blocks(reader, seg, task, ia, bufa), layer_blocks(reader, seg, task, ib, bufb))
 
 
 def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
@@ -445,9 +439,9 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
     norms = np.zeros(n_layers)
     dots = np.zeros(n_layers - 1)
     stats: list[dict[str, Any] | None] = [None] * (n_layers - 1)
-    itemsize = _itemsize(seg)
+    itemsize = itemsize_of(seg)
     if task.method == "gram":
-        acc: Any = _Gram(task.d, task.side)
+        acc: Any = SyrkGram(task.d, task.side)
         width = task.n if task.side == "cols" else task.m
     else:
         acc = _Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k)
@@ -457,15 +451,17 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
     carry: np.ndarray | None = None
     s2 = 1.0  # guess of |b|/|a|
     nbytes = 0
+    delta = task.delta  # D = b - a: one accumulator, no guess, no normalisation
     for i in range(n_layers - 1):
-        ata = acc.zeros() if carry is None else carry
-        first = carry is None
+        ps = acc.zeros()
+        ata = ps if delta else acc.zeros() if carry is None else carry
+        first = carry is None and not delta
         carry = None
-        p0, ps = acc.zeros(), acc.zeros()
-        na = nb = nab = 0.0
-        guessed = False
+        p0 = ps if delta else acc.zeros()
+        na = nb = nab = ndd = 0.0
+        guessed = delta
         with threadpool_limits(threads):
-            for xa, xb in _pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
+            for xa, xb in pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
                 fa, fb = xa.reshape(-1), xb.reshape(-1)
                 da, db = float(np.dot(fa, fa)), float(np.dot(fb, fb))
                 na += da
@@ -478,16 +474,23 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
                     s2, guessed = math.sqrt(db / da), True
                 if first:
                     acc.add(ata, xa)
-                acc.add(p0, xb)
+                if not delta:
+                    acc.add(p0, xb)
                 np.multiply(xa, -s2, out=xa)
                 xa += xb  # b - s2 a
                 acc.add(ps, xa)
+                if delta:
+                    ndd += float(np.dot(fa, fa))
                 if progress is not None:
                     progress(2 * xa.size * itemsize)
         nbytes += 2 * task.m * task.n * itemsize
         if first:
             norms[i] = na
         norms[i + 1], dots[i] = nb, nab
+        if delta:
+            stats[i] = _delta_stats(task, acc, ps, ndd, threads)
+            del ata, p0, ps
+            continue
         if math.isfinite(na + nb + nab) and math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
             s = math.sqrt(nb / na)
             g = _combine(ps, p0, ata, s2, s, 1.0 / nb)
@@ -511,6 +514,23 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
         del p0
     acc.close()
     return TaskResult(norms, dots, stats, nbytes)
+
+
+def _delta_stats(task: RankTask, acc: Any, g: np.ndarray, total: float, threads: int) -> dict[str, Any] | None:
+    """The spectrum of D = b - a from G = D^T D (or its sketch) and |D|_F^2 = `total`."""
+    from threadpoolctl import threadpool_limits
+
+    if not math.isfinite(total):
+        return None
+    if total == 0.0:
+        return exact_stats(np.zeros(1)) | {"resid_rank_dim": task.d}
+    g *= 1.0 / total  # |D / |D||_F = 1: the spectrum's scale is irrelevant, its conditioning is not
+    if task.method == "gram":
+        with threadpool_limits(threads):
+            lam = np.linalg.eigvalsh(g, UPLO="U")
+        return exact_stats(lam) | {"resid_rank_dim": task.d}
+    mu, nu = nystrom_lower(g, acc.omega)
+    return sketch_stats(mu, 1.0, task.d, task.k, nu + 64 * np.finfo(np.float64).eps) | {"resid_rank_dim": task.d}
 
 
 def _pool_run(i: int) -> tuple[int, TaskResult]:

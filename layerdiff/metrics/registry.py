@@ -47,6 +47,9 @@ PAIR_METRICS: tuple[Metric, ...] = (
            _measured("resid_spec_entropy")),
     Metric("resid_stable_rank", "residual stable rank", "|D|_F^2 / |D|_2^2 (--rank)", "1 for a rank-1 change",
            _measured("resid_stable_rank"), ".2f"),
+    Metric("gram_cos", "centred Gram cosine", "<G~a, G~b> / (|G~a| |G~b|), G on the residual side (--gram)",
+           "~0 independent isotropic, 1 same up to scale and a permutation/rotation of the other side",
+           _measured("gram_cos"), "+.4f"),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in PAIR_METRICS}
 
@@ -72,6 +75,7 @@ SUMMARIES: tuple[Summary, ...] = (
     Summary("scalar_fit", "scalar_fit", lambda x: float(x.mean())),
     Summary("mean_SE", "resid_spec_entropy", lambda x: float(x.mean()), optional=True),
     Summary("mean_eff_rank", "resid_eff_rank", lambda x: float(x.mean()), optional=True),
+    Summary("mean_gram_cos", "gram_cos", lambda x: float(x.mean()), optional=True),
 )
 # Derived from other summaries, placed after the named one: (name, after, formula).
 DERIVED_SUMMARIES: tuple[tuple[str, str, Callable[[dict[str, float | None]], float | None]], ...] = (
@@ -88,4 +92,59 @@ def summarise(pairs: list[Mapping[str, float | None]]) -> dict[str, float | None
         for name, after, formula in DERIVED_SUMMARIES:
             if after == s.name:
                 out[name] = formula(out)
+    return out
+
+
+# --- two checkpoints: one tensor (or one part of it) in A and in B -----------------
+
+DiffSums = Mapping[str, float]  # aa, bb, ab, dd (= |B - A|^2), equal, n, max_abs
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den > 0 and math.isfinite(num) and math.isfinite(den) else None
+
+
+def _diff_cos(s: DiffSums) -> float | None:
+    ok = s["aa"] > 0 and s["bb"] > 0 and all(math.isfinite(s[k]) for k in ("aa", "bb", "ab"))
+    return float(s["ab"] / math.sqrt(s["aa"] * s["bb"])) if ok else None
+
+
+@dataclass(frozen=True)
+class DiffMetric:
+    name: str
+    label: str
+    formula: str
+    null: str
+    compute: Callable[[DiffSums], float | bool | None]
+
+
+DIFF_METRICS: tuple[DiffMetric, ...] = (
+    DiffMetric("cos", "cos(A, B)", "<A, B> / (|A| |B|)", "1 unchanged up to scale", _diff_cos),
+    DiffMetric("rel_change", "relative change", "|B - A|_F / |A|_F", "0 unchanged",
+               lambda s: None if s["aa"] <= 0 else _ratio(math.sqrt(s["dd"]), math.sqrt(s["aa"]))),
+    DiffMetric("norm_a", "|A|_F", "|A|_F", "", lambda s: math.sqrt(s["aa"]) if math.isfinite(s["aa"]) else None),
+    DiffMetric("norm_b", "|B|_F", "|B|_F", "", lambda s: math.sqrt(s["bb"]) if math.isfinite(s["bb"]) else None),
+    DiffMetric("norm_ratio", "|B| / |A|", "|B|_F / |A|_F", "1 same scale",
+               lambda s: None if s["aa"] <= 0 else _ratio(math.sqrt(s["bb"]), math.sqrt(s["aa"]))),
+    DiffMetric("frac_equal", "fraction equal", "elements whose decoded values are equal / all elements",
+               "1 identical", lambda s: s["equal"] / s["n"] if s["n"] else None),
+    DiffMetric("max_abs_diff", "max |B - A|", "max over elements of |B - A|", "0 identical",
+               lambda s: s["max_abs"] if math.isfinite(s["max_abs"]) else None),
+    DiffMetric("identical", "identical", "every element equal", "true", lambda s: bool(s["n"]) and s["equal"] == s["n"]),
+)
+# With --rank, the spectrum of D = B - A (None where not computed).
+# and with --gram, the centred Gram cosine of A and B.
+# With --rank-approx, `delta_rank_bounds` holds the sketch's guaranteed intervals.
+DELTA_METRICS = ("delta_eff_rank", "delta_stable_rank", "delta_rank_90", "delta_rank_99", "delta_rank_bounds",
+                 "gram_cos")
+DELTA_FROM_SPECTRUM = {"delta_eff_rank": "resid_eff_rank", "delta_stable_rank": "resid_stable_rank",
+                       "delta_rank_90": "resid_rank_90", "delta_rank_99": "resid_rank_99",
+                       "delta_rank_bounds": "resid_rank_bounds", "gram_cos": "gram_cos"}
+
+
+def diff_values(sums: DiffSums, spectrum: Mapping[str, object] | None = None) -> dict[str, object]:
+    """Every diff metric, in registry order, from one tensor's (or part's) sums."""
+    out: dict[str, object] = {m.name: m.compute(sums) for m in DIFF_METRICS}
+    for name in DELTA_METRICS:
+        out[name] = spectrum.get(DELTA_FROM_SPECTRUM[name]) if spectrum else None
     return out

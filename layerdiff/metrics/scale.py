@@ -7,10 +7,12 @@ from typing import Any
 import numpy as np
 
 
-def scale_pca(scales: dict[str, list[float | None]]) -> dict[str, Any]:
+def scale_pca(scales: dict[str, list[float | None]], drop_null: bool = False) -> dict[str, Any]:
     """PCA of the log scale track, as the seed does it, over complete families.
 
     Families with a zero norm somewhere are left out (log 0 would poison it).
+    With `drop_null`, modes whose singular value is zero to rounding (centring
+    leaves at most layers - 1 of them) are not reported; the seed's keys keep them.
     """
     used = [f for f, v in scales.items() if v and all(x is not None and x > 0 for x in v)]
     usable = set(used)  # a set: `in` a list of 50,000 experts made this quadratic (32 s)
@@ -20,6 +22,9 @@ def scale_pca(scales: dict[str, list[float | None]]) -> dict[str, Any]:
         return out | {"singvals": [], "loadings": [], "scores": [], "explained": []}
     m = np.log(np.array([scales[f] for f in used], dtype=np.float64))
     u, s, vh = np.linalg.svd(m - m.mean(axis=1, keepdims=True), full_matrices=False)
+    if drop_null:
+        keep = s > 1e-10 * max(float(s.max()) if len(s) else 0.0, 1e-300)
+        u, s, vh = u[:, keep], s[keep], vh[keep]
     total = float((s**2).sum())
     return out | {
         "singvals": s.tolist(),

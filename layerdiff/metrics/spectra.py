@@ -13,6 +13,7 @@ import numpy as np
 
 SPEC_EPS = 1e-12  # the seed's clip of p in spec_entropy
 ROUNDING = 1e-8  # relative margin on the sketch's bounds for floating-point rounding
+MASS_FRACTIONS = (0.9, 0.99)  # resid_rank_90, resid_rank_99
 
 
 def _mass_entropy(mass: np.ndarray) -> float:
@@ -28,9 +29,31 @@ def exact_stats(eigenvalues: np.ndarray) -> dict[str, Any]:
     total = float(lam.sum())
     if total == 0.0:
         return {"resid_spec_entropy": 0.0, "resid_eff_rank": 0.0, "resid_stable_rank": 0.0,
+                "resid_rank_90": 0, "resid_rank_99": 0,
                 "resid_rank_note": "zero residual: the layers are equal up to a positive factor"}
     h = _mass_entropy(lam)
-    return {"resid_spec_entropy": h, "resid_eff_rank": math.exp(h), "resid_stable_rank": total / float(lam.max())}
+    return {"resid_spec_entropy": h, "resid_eff_rank": math.exp(h), "resid_stable_rank": total / float(lam.max()),
+            **{f"resid_rank_{round(q * 100)}": mass_rank(lam, q) for q in MASS_FRACTIONS}}
+
+
+def mass_rank(lam: np.ndarray, q: float) -> int:
+    """The fewest singular values whose squares hold a fraction q of |D|_F^2
+    (the rank a low-rank update, e.g. LoRA, needs to capture that much)."""
+    mass = np.sort(np.clip(np.asarray(lam, dtype=np.float64), 0.0, None))[::-1]
+    cum = np.cumsum(mass)
+    return int(np.searchsorted(cum, q * cum[-1] * (1 - 1e-12)) + 1)
+
+
+def mass_rank_bounds(mu: np.ndarray, total: float, q: float) -> tuple[int, int | None]:
+    """Guaranteed bounds on `mass_rank` from a sketch: lambda_i >= mu_i (sorted) and
+    sum_{i<=j} lambda_i <= sum_{i<=j} mu_i + r, r = total - sum mu. The upper
+    bound is None when the sketch's values never reach q * total."""
+    mu = np.sort(np.clip(np.asarray(mu, dtype=np.float64), 0.0, None))[::-1]
+    cum = np.cumsum(mu) if len(mu) else np.zeros(1)
+    r = max(total - float(cum[-1]), 0.0)
+    lo = int(np.searchsorted(cum + r, q * total * (1 - 1e-12)) + 1)
+    hi = int(np.searchsorted(cum, q * total * (1 - 1e-12)) + 1)
+    return lo, hi if hi <= len(mu) else None
 
 
 def entropy_bounds(mu: np.ndarray, total: float, d: int, slack: float = 0.0) -> tuple[float, float, float, float]:
@@ -83,10 +106,13 @@ def sketch_stats(mu: np.ndarray, total: float, d: int, k: int, slack: float) -> 
     mid = 0.5 * (h_lo + h_hi)
     sr_lo = total / max(top_hi, 1e-300) * (1 - ROUNDING)
     sr_hi = total / max(top_lo, 1e-300) * (1 + ROUNDING)
+    ranks = {q: mass_rank_bounds(mu, total, q) for q in MASS_FRACTIONS}
     return {
         "resid_spec_entropy": mid,
         "resid_eff_rank": math.exp(mid),
         "resid_stable_rank": math.sqrt(sr_lo * sr_hi),
+        # A point value only where the bounds meet: an interval is in resid_rank_bounds.
+        **{f"resid_rank_{round(q * 100)}": lo if lo == hi else None for q, (lo, hi) in ranks.items()},
         "resid_rank_bounds": {
             "method": f"Nystrom sketch of D^T D, {k} columns: guaranteed bounds",
             "spec_entropy": [h_lo, h_hi],
@@ -94,6 +120,7 @@ def sketch_stats(mu: np.ndarray, total: float, d: int, k: int, slack: float) -> 
             "eff_rank": [math.exp(h_lo), math.exp(h_hi)],
             "stable_rank": [sr_lo, sr_hi],
             "captured": float(min(max(np.clip(mu, 0, None).sum() / total, 0.0), 1.0)),
+            **{f"rank_{round(q * 100)}": [lo, hi] for q, (lo, hi) in ranks.items()},
         },
     }
 

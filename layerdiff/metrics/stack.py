@@ -97,8 +97,11 @@ def stack_result(name: str, layout: Layout, plan: Plan, totals: Totals,
     summaries = {f: summarise([p.families[f].values for p in pairs if f in p.families])
                  for f in fams if any(f in p.families for p in pairs)}
     raws = {i.raw for i in info.values()}
+    # The PCA over matrices and norms: biases' scales follow other schedules (left out, and said).
+    pca = scale_pca({f: v for f, v in scales.items() if not f.endswith(".bias")}, drop_null=True)
+    pca["left_out_biases"] = [f for f in scales if f.endswith(".bias")]
     return StackResult(name, layers, {f: info[f] for f in fams}, [u for u in stack.unmapped if u in raws], pairs,
-                       summaries, scales, scale_pca(scales), skipped)
+                       summaries, scales, pca, skipped)
 
 
 def _stats(cos: float, rank: dict[str, Any] | None) -> PairStats:

@@ -57,15 +57,17 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
                 "part": _ranges(members[0]),
                 "dequant": st.dequant.get(raw),
                 "transposed": raw in st.transposed,
+                "role": st.role(fam),
             }
         aggregates = {
             agg: {"raw": aggregate_raw(st, agg), "experts": len(ms), "families": ms,
-                  "bytes_per_layer": sum(fams[f]["bytes_per_layer"] for f in ms)}
+                  "bytes_per_layer": sum(fams[f]["bytes_per_layer"] for f in ms), "role": st.role(agg)}
             for agg, ms in st.aggregates.items()
         }
         layers = st.layers
         stacks[name] = {
             "arch": st.arch,
+            "table": st.match.to_dict(),
             "layers": [layers[0], layers[-1]] if layers else None,
             "n_layers": len(layers),
             "families": fams,
@@ -82,6 +84,8 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
     return {
         "source": source.describe(),
         "architecture": layout.arch,
+        "model_type": layout.model_type,
+        "main_stack": {"name": layout.main, "rule": layout.main_rule},
         "num_hidden_layers": layout.num_hidden_layers,
         "shards": [{"file": str(s.path), "bytes": s.size, "tensors": len(s.tensors)} for s in index.shards],
         "stacks": stacks,
@@ -102,8 +106,14 @@ def inspect_text(doc: dict[str, Any]) -> str:
     out = [f"model: {src['spec']}  ({src['kind']}: {src['root']})"]
     if src["repo_id"]:
         out.append(f"  repo {src['repo_id']}  revision {src['revision']}  commit {src['commit']}")
-    out.append(f"architecture: {doc['architecture'] or 'unknown (raw family names)'}"
+    main = doc.get("main_stack") or {}
+    table = (doc["stacks"].get(main.get("name")) or {}).get("table") or {}
+    kind = (f"{doc['model_type']} (config.json's model_type)" if doc.get("model_type")
+            else f"unknown ({table.get('reason') or 'config.json has no model_type'})")
+    out.append(f"architecture: {kind}"
                + (f", num_hidden_layers={doc['num_hidden_layers']}" if doc["num_hidden_layers"] is not None else ""))
+    if main.get("rule"):
+        out.append(f"main stack: {main['rule']}")
     if doc.get("embeddings", {}).get("note"):
         out.append(f"embeddings: {doc['embeddings']['note']}")
     for note in doc.get("notes", []):
@@ -113,8 +123,11 @@ def inspect_text(doc: dict[str, Any]) -> str:
         out.append(f"  {s['file']}  {_human(s['bytes'])}  {s['tensors']} tensors")
     for name, st in doc["stacks"].items():
         span = f"{st['layers'][0]}..{st['layers'][1]}" if st["layers"] else "none analysable"
-        table = st.get("arch") or "no table: raw family names"
-        out.append(f"stack {name}: {st['n_layers']} layers ({span}), names: {table}")
+        table = st.get("table") or {}
+        out.append(f"stack {name}: {st['n_layers']} layers ({span}), names: "
+                   f"{table.get('label') or st.get('arch') or 'no table: raw family names'}")
+        if table.get("mapped_by_suffix"):
+            out.append(f"  mapped by the suffix rules of table {table['table']}: {', '.join(table['mapped_by_suffix'])}")
         per_expert = {f for a in st.get("aggregates", {}).values() for f in a["families"]}
         rows = []
         for fam, f in st["families"].items():

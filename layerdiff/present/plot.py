@@ -18,6 +18,8 @@ from typing import Any
 
 from ..errors import LayerdiffError, SelectionError
 from ..output import atomic
+from ..result import Pair, ScanResult, StackResult
+from .heatmaps import diff_figure, matrix_count, scan_heatmaps
 
 FORMATS = {".png": "png", ".svg": "svg"}
 _EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
@@ -49,34 +51,37 @@ def check_plot_path(path: Path) -> str:
     return fmt
 
 
-def _stack(result: dict[str, Any], stack: str | None) -> tuple[str, dict[str, Any]]:
-    stacks = result.get("stacks")
-    if not isinstance(stacks, dict) or not stacks:
+def _stack(result: ScanResult, stack: str | None) -> tuple[str, StackResult]:
+    stacks = result.stacks
+    if not stacks:
         raise LayerdiffError("plot", "not a layerdiff scan result (no 'stacks')")
-    name = stack or result.get("main_stack") or next(iter(stacks))
+    name = stack or result.main_stack or next(iter(stacks))
     if name not in stacks:
         raise SelectionError("stack", f"no stack {name!r} in the result (it has: {', '.join(stacks)})")
     return name, stacks[name]
 
 
-def _families(st: dict[str, Any]) -> tuple[list[str], int]:
+def _families(st: StackResult) -> tuple[list[str], int]:
     """Families to draw, in the result's order; per-expert families give way to
     their all-experts aggregate when there are too many lines."""
-    fams = list(st.get("families", {}))
+    fams = list(st.families)
     if len(fams) <= MAX_FAMILIES:
         return fams, 0
-    aggregates = [f for f in fams if "experts" in st["families"][f]]
+    aggregates = [f for f in fams if st.families[f].experts is not None]
     members = {f for f in fams if _EXPERT.search(f)} if aggregates else set()
     keep = [f for f in fams if f not in members][:MAX_FAMILIES]
     return keep, len(fams) - len(keep)
 
 
-def _is_matrix(st: dict[str, Any], fam: str) -> bool:
-    return len(st["families"][fam].get("shape", [])) >= 2
+def _is_matrix(st: StackResult, fam: str) -> bool:
+    return len(st.families[fam].shape) >= 2
 
 
-def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
-    """The 2x2 figure (a matplotlib Figure, not attached to any window)."""
+def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -> Any:
+    """The 2x2 figure (a matplotlib Figure, not attached to any window), with heatmaps
+    below when the result has all-pairs matrices or gram_cos."""
+    if isinstance(result, dict):
+        result = ScanResult.from_dict(result)
     _require_matplotlib()
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -84,16 +89,24 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
 
     name, st = _stack(result, stack)
     fams, hidden = _families(st)
-    pairs = st.get("pairs", [])
-    xs = [pr["L"] for pr in pairs]
+    pairs = st.pairs
+    xs = [pr.L for pr in pairs]
     colors = _colors(len(fams))
-    fig = Figure(figsize=(14, 9.5), layout="constrained")
-    ax_cos, ax_rank, ax_scale, ax_pca = fig.subplots(2, 2).ravel()
+    extras = bool(st.all_pairs) or any(s.get("gram_cos") is not None for pr in pairs for s in pr.families.values())
+    if extras:  # --all-pairs / --gram: heatmaps below the four panels, in the same image
+        low = max(4, len(st.families) * 0.18) + 2.3 * matrix_count(st)
+        fig = Figure(figsize=(16, 9.5 + low), layout="constrained")
+        main, below = fig.subfigures(2, 1, height_ratios=[9.5, low])
+        scan_heatmaps(below, st)
+    else:
+        fig = main = Figure(figsize=(14, 9.5), layout="constrained")
+    ax_cos, ax_rank, ax_scale, ax_pca = main.subplots(2, 2).ravel()
 
     def series(fam: str, key: str) -> list[float]:
         out = []
         for pr in pairs:
-            v = pr["families"].get(fam, {}).get(key)
+            s = pr.families.get(fam)
+            v = s.get(key) if s is not None else None
             out.append(float("nan") if v is None else float(v))
         return out
 
@@ -120,7 +133,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
             y = series(fam, "resid_eff_rank")
             values += [v for v in y if not math.isnan(v) and v > 0]
             ax_rank.plot(xs, y, marker="o", markersize=3, color=c, label=fam)
-            bounds = [pr["families"].get(fam, {}).get("resid_rank_bounds") for pr in pairs]
+            bounds = [_get(pr, fam, "resid_rank_bounds") for pr in pairs]
             if any(bounds):
                 lo_b = [b["eff_rank"][0] if b else float("nan") for b in bounds]
                 hi_b = [b["eff_rank"][1] if b else float("nan") for b in bounds]
@@ -128,7 +141,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
                 values += [v for v in lo_b + hi_b if not math.isnan(v) and v > 0]
         if values and max(values) / max(min(values), 1e-300) > 20:
             ax_rank.set_yscale("log")
-        any_bounds = any(pr["families"].get(f, {}).get("resid_rank_bounds") for f, _ in ranked for pr in pairs)
+        any_bounds = any(_get(pr, f, "resid_rank_bounds") for f, _ in ranked for pr in pairs)
         ax_rank.set_title("Residual effective rank exp(H), H = spectral entropy of W_L+1/|W_L+1| - W_L/|W_L|"
                           + (" (bands: sketch bounds)" if any_bounds else ""), fontsize=9)
     else:
@@ -139,9 +152,9 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     ax_rank.set_ylabel("effective rank of the residual")
 
     # 3. scale track
-    layers = st.get("layers", [])
+    layers = st.layers
     for fam, c in zip(fams, colors):
-        y = [float("nan") if v is None or v <= 0 else float(v) for v in st.get("scales", {}).get(fam, [])]
+        y = [float("nan") if v is None or v <= 0 else float(v) for v in st.scales.get(fam, [])]
         if y and any(not math.isnan(v) for v in y):
             ax_scale.plot(layers[: len(y)], y, marker="o", markersize=3, color=c, label=fam,
                           linestyle="-" if _is_matrix(st, fam) else "--")
@@ -151,7 +164,7 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     ax_scale.set_ylabel("||W_L||_F")
 
     # 4. PCA of the log scale track
-    pca = st.get("pca", {})
+    pca = st.pca
     explained = [100.0 * float(v) for v in pca.get("explained", [])]
     if explained:
         modes = list(range(1, len(explained) + 1))
@@ -180,12 +193,23 @@ def make_figure(result: dict[str, Any], stack: str | None = None) -> Any:
     if hidden:
         labels = labels + [f"(+{hidden} more families not drawn)"]
         handles = handles + [_blank(ax_cos)]
-    fig.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
-    model = result.get("model") or (result.get("source") or {}).get("spec") or "model"
-    arch = result.get("architecture")
+    main.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
+    model = result.model or result.source.get("spec") or "model"
+    arch = _label(result, name)
     model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
     fig.suptitle(f"{model} \u2014 stack {name} ({len(layers)} layers{', ' + arch if arch else ''})", fontsize=12)
     return fig
+
+
+def _label(result: ScanResult, stack: str) -> str | None:
+    """The config's model_type and the table that named the stack: never another architecture's name alone."""
+    labels = result.labels
+    per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
+    table = per[stack].get("table") if isinstance(per.get(stack), dict) else result.architecture
+    model_type = labels.get("model_type")
+    if isinstance(model_type, str) and isinstance(table, str) and model_type != table:
+        return f"{model_type}, table {table}"
+    return table if isinstance(table, str) else None
 
 
 def _blank(ax: Any) -> Any:
@@ -202,7 +226,22 @@ def _colors(n: int) -> list[Any]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def plot_result(result: dict[str, Any], path: Path, stack: str | None = None) -> None:
+def plot_diff(result: Any, path: Path) -> None:
+    """Render a diff result's heatmaps to `path` (.png or .svg), atomically."""
+    path = Path(path)
+    fmt = check_plot_path(path)
+    matplotlib = _require_matplotlib()
+    fig = diff_figure(result)
+    with atomic(path, "wb") as f, matplotlib.rc_context({"svg.fonttype": "none"}):
+        fig.savefig(f, format=fmt, dpi=110)
+
+
+def _get(pair: Pair, family: str, key: str) -> Any:
+    s = pair.families.get(family)
+    return s.get(key) if s is not None else None
+
+
+def plot_result(result: ScanResult | dict[str, Any], path: Path, stack: str | None = None) -> None:
     """Render `result` to `path` (.png or .svg), atomically (temp file + rename)."""
     path = Path(path)
     fmt = check_plot_path(path)

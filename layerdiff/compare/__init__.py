@@ -1,0 +1,1 @@
+"""Two checkpoints compared tensor by tensor (base vs fine-tune): matching, streaming, results."""
