@@ -219,3 +219,22 @@ def test_ctrl_c_while_the_workers_start_leaves_none_behind(sharded, tmp_path):
     assert not out.exists()
     leftover = subprocess.run(["pgrep", "-f", str(sharded)], capture_output=True, text=True).stdout.split()
     assert leftover == []
+
+
+def test_the_main_process_reuses_its_read_buffers(tmp_path, rng, monkeypatch):
+    """In-process blocks are read into a few kept buffers, not a fresh allocation per block
+    (a reference held by the loop that looked for a free one made every buffer look busy)."""
+    import layerdiff.engine.budget as budget
+    from layerdiff.checkpoint import reader
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=4), shards=2)
+    monkeypatch.setattr(budget, "MAX_BLOCK", 256)  # hundreds of blocks
+    made = []
+    allocate = reader._allocate
+    monkeypatch.setattr(reader, "_allocate", lambda n: made.append(n) or allocate(n))
+    job = plan(open_model(str(ckpt)), scan_options(jobs=1))
+    job.run()
+    blocks = sum(1 for _ in job.plan.items())
+    assert blocks > 100 and len(made) <= 16, (blocks, len(made))  # a few kept buffers, grown as blocks grow
+    big = reader._allocate(3 << 20)
+    assert big.ctypes.data % (2 << 20) == 0 and big.size == 4 << 20  # whole aligned 2 MiB pages
