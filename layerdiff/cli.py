@@ -13,11 +13,15 @@ import click
 
 from . import __version__
 from .errors import LayerdiffError
+from .present.escape import printable
 
 # Library option names -> the flags that set them, for error messages.
 FLAGS = {"max_memory": "--max-memory", "layers": "--layers", "stack": "--stack", "family": "--family",
          "rank": "--rank", "sketch": "--sketch", "jobs": "--jobs", "revision": "--revision",
          "revisions": "--revisions", "reference": "--reference", "dask": "--dask", "gram": "--gram"}
+
+# Exit statuses (README, Errors): 0 done, 1 bad input, 2 usage error, 130 interrupted.
+EXIT_BAD_INPUT, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -28,13 +32,44 @@ def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except LayerdiffError as e:
-            click.echo(f"layerdiff: error: {FLAGS.get(e.where, e.where)}: {e.problem}", err=True)
-            sys.exit(1)
+            where = FLAGS.get(e.where, e.where)
+            message, code = f"layerdiff: error: {printable(where)}: {printable(e.problem)}", EXIT_BAD_INPUT
         except KeyboardInterrupt:
-            click.echo("layerdiff: interrupted; nothing written", err=True)
-            sys.exit(130)
+            message, code = "layerdiff: interrupted; nothing written", EXIT_INTERRUPTED
+        # Out of the `except`: the traceback is gone, and with it the frames that
+        # held a pass's worker pool open; its workers are ended before the exit.
+        click.echo(message, err=True)
+        sys.exit(code)
 
     return wrapper
+
+
+class _Main(click.Group):
+    """click's usage errors as one line, `layerdiff: usage error: ...`, exit 2 (no usage block)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            code = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.exceptions.NoArgsIsHelpError as e:  # plain `layerdiff`: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
+        except click.UsageError as e:
+            names, ctx = [], e.ctx
+            while ctx is not None and ctx.parent is not None:
+                names.append(ctx.info_name or "")
+                ctx = ctx.parent
+            command = " ".join(["layerdiff", *reversed(names)])
+            click.echo(f"layerdiff: usage error: {printable(e.format_message())} (see {command} --help)", err=True)
+            sys.exit(EXIT_USAGE)
+        except click.Abort:
+            click.echo("layerdiff: interrupted; nothing written", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except click.ClickException as e:
+            click.echo(f"layerdiff: error: {printable(e.format_message())}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 def model_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -64,7 +99,7 @@ def rank_mode(rank: bool, rank_approx: bool, sketch: int) -> str | None:
     return "exact" if rank else None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="layerdiff")
 def main() -> None:
     """Compare transformer layers straight from safetensors shards."""
@@ -130,16 +165,14 @@ def diff(a: str, b: str, out: Path | None, max_memory: str, stacks: tuple[str, .
     """What changed from checkpoint A to B, tensor by tensor (A, B: paths or hub ids, org/name@REV)."""
     from .api import open_model, scan_options
     from .compare.run import plan_diff
-    from .output import check_writable
+    from .output import check_outputs
     from .present.diff_text import diff_text
 
     options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
                            gram=gram)
     ma, mb = open_model(a, None, cache_dir), open_model(b, None, cache_dir)
-    for target in (out, plot):
-        if target is not None:
-            check_writable(target, ma.source)
-            check_writable(target, mb.source)
+    for m in (ma, mb):
+        check_outputs([out, plot], m.source, [s.path for s in m.index.shards] if m.index else [])
     if plot is not None:
         from .present.plot import check_plot_path
 
@@ -183,12 +216,12 @@ def example(out: Path | None, rank: bool, rank_approx: bool, sketch: int, plot: 
 @clean_errors
 def plot(result: Path, out: Path, stack: str | None) -> None:
     """Plot a scan result: cosines, residual rank and scale track across depth."""
-    from .output import check_writable
+    from .output import check_outputs
     from .present.plot import check_plot_path, plot_result
     from .result import ScanResult
 
     check_plot_path(out)
-    check_writable(out)
+    check_outputs([out], inputs=[result])
     doc = ScanResult.from_json(result)
     try:
         plot_result(doc, out, stack)
@@ -264,16 +297,14 @@ def sweep(models: tuple[str, ...], revisions: str | None, reference: str, out_di
 
 def _run_scan(model: Any, options: Any, out: Path | None, quiet: bool, plot: Path | None = None) -> None:
     from .api import plan
-    from .output import check_writable
+    from .output import check_outputs
     from .present.tables import scan_text
 
-    if out is not None:
-        check_writable(out, model.source)
     if plot is not None:
         from .present.plot import check_plot_path
 
         check_plot_path(plot)  # the format, and matplotlib there, before a long scan
-        check_writable(plot, model.source)
+    check_outputs([out, plot], model.source, [s.path for s in model.index.shards] if model.index else [])
     result = _with_progress(plan(model, options), quiet, "scan")  # plan fails up front if it cannot fit
     if not quiet:
         click.echo(scan_text(result))
@@ -293,13 +324,14 @@ def _plot_diff(result: Any, path: Path) -> None:
 
 
 def _save(doc: dict[str, Any], out: Path | None, plot: Path | None, draw: Callable[[Path], None], quiet: bool) -> None:
-    """The plot first (if plotting fails, no JSON is left behind either), then the JSON."""
-    from .output import write_json
+    """Both outputs appear, or neither does (a full disk, a failed plot)."""
+    from .output import together, write_json
 
-    if plot is not None:
-        draw(plot)
-    if out is not None:
-        write_json(out, doc)
+    with together():
+        if plot is not None:
+            draw(plot)
+        if out is not None:
+            write_json(out, doc)
     if not quiet:
         for saved in (out, plot):
             if saved is not None:

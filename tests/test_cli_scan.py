@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import pty
+import select
 import signal
 import struct
 import subprocess
@@ -27,6 +28,9 @@ def run_on_pty(args: list[str], interrupt_on: bytes | None = None) -> tuple[int,
     seen = b""
     deadline = time.time() + 60
     while time.time() < deadline:
+        # select, not a bare read: a process left holding the terminal must fail the test, not hang it
+        if not select.select([master], [], [], max(0.0, deadline - time.time()))[0]:
+            break
         try:
             chunk = os.read(master, 4096)
         except OSError:

@@ -193,3 +193,48 @@ def test_layerdiff_errors_survive_pickling():
     e = pickle.loads(pickle.dumps(FormatError("a/b.safetensors", "the file changed")))
     assert type(e) is FormatError and (e.where, e.problem) == ("a/b.safetensors", "the file changed")
     assert isinstance(e, LayerdiffError) and str(e) == "a/b.safetensors: the file changed"
+
+
+def test_ctrl_c_while_the_workers_start_leaves_none_behind(sharded, tmp_path):
+    """SIGINT is blocked while the pool forks; delivered when it is unblocked, it
+    used to escape before the code that ends the workers, which lived on."""
+    hook = (
+        "import os, signal, concurrent.futures as cf\n"
+        "submit = cf.ProcessPoolExecutor.submit\n"
+        "def first(self, *a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # pending: blocked until the workers exist\n"
+        "    cf.ProcessPoolExecutor.submit = submit\n"
+        "    return submit(self, *a, **k)\n"
+        "cf.ProcessPoolExecutor.submit = first\n"
+        "from layerdiff.cli import main\n"
+        "main(prog_name='layerdiff')\n"
+    )
+    out = tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-c", hook, "scan", str(sharded), "--jobs", "2", "--quiet", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A worker left alive keeps the pipes open: communicate() would wait for it.
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip() == "layerdiff: interrupted; nothing written"
+    assert not out.exists()
+    leftover = subprocess.run(["pgrep", "-f", str(sharded)], capture_output=True, text=True).stdout.split()
+    assert leftover == []
+
+
+def test_the_main_process_reuses_its_read_buffers(tmp_path, rng, monkeypatch):
+    """In-process blocks are read into a few kept buffers, not a fresh allocation per block
+    (a reference held by the loop that looked for a free one made every buffer look busy)."""
+    import layerdiff.engine.budget as budget
+    from layerdiff.checkpoint import reader
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=4), shards=2)
+    monkeypatch.setattr(budget, "MAX_BLOCK", 256)  # hundreds of blocks
+    made = []
+    allocate = reader._allocate
+    monkeypatch.setattr(reader, "_allocate", lambda n: made.append(n) or allocate(n))
+    job = plan(open_model(str(ckpt)), scan_options(jobs=1))
+    job.run()
+    blocks = sum(1 for _ in job.plan.items())
+    assert blocks > 100 and len(made) <= 16, (blocks, len(made))  # a few kept buffers, grown as blocks grow
+    big = reader._allocate(3 << 20)
+    assert big.ctypes.data % (2 << 20) == 0 and big.size == 4 << 20  # whole aligned 2 MiB pages

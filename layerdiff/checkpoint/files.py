@@ -45,10 +45,15 @@ def os_problem(e: OSError, what: str) -> str:
 def open_regular(path: Path, what: str) -> int:
     """A read-only fd for `path`, refused unless it is a regular file.
 
-    Opened non-blocking (a FIFO's open would block until a writer comes), then
-    checked with fstat on the fd itself, so no rename between a check and the
-    open can slip another file in; the flag is cleared again for the reads."""
+    Checked before it is opened (opening some devices does something: a tape
+    rewinds), then opened non-blocking (a FIFO's open would block until a
+    writer comes) and checked again with fstat on the fd itself, so no rename
+    between the check and the open can slip another file in; the flag is
+    cleared again for the reads."""
     try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(path, f"{kind(st.st_mode)}, not {a(what)}")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise FormatError(path, os_problem(e, what)) from None

@@ -61,7 +61,7 @@ DTYPES: dict[str, DType] = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a header may hold 100,000s of them
 class TensorInfo:
     """Where one tensor's bytes are: absolute offsets in its shard file."""
 
@@ -98,7 +98,20 @@ class _Object(dict):
     duplicate: str | None = None
 
 
-def _object(pairs: list[tuple[str, Any]]) -> _Object:
+class _Entry(tuple):
+    """A tensor entry whose keys and value types are right: (dtype, shape, begin, end).
+
+    Made while the header is parsed, instead of a dict and two lists per
+    tensor: a header of 100,000 tensors then needs a fraction of the memory."""
+
+    __slots__ = ()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> _Object | _Entry:
+    if len(pairs) == 3:
+        entry = _entry(pairs)
+        if entry is not None:
+            return entry
     out = _Object()
     for key, value in pairs:
         if key in out and out.duplicate is None:
@@ -107,13 +120,31 @@ def _object(pairs: list[tuple[str, Any]]) -> _Object:
     return out
 
 
+def _entry(pairs: list[tuple[str, Any]]) -> _Entry | None:
+    """The entry these three pairs make, if well-formed; None leaves it to `_tensor`'s messages."""
+    d = dict(pairs)
+    try:
+        dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+    except KeyError:
+        return None
+    if type(dtype) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    begin, end = offsets
+    if type(begin) is not int or type(end) is not int or begin < 0 or end < 0:
+        return None
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            return None
+    return _Entry((dtype, tuple(shape), begin, end))
+
+
 def _short(x: Any, limit: int = 60) -> str:
     """repr() cut to one short line: messages quote hostile values, never megabytes of them."""
     text = repr(x)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _parse_json(path: Path, raw: bytes, what: str) -> Any:
+def _parse_json(path: Path, raw: bytes | str, what: str) -> Any:
     return parse_json(path, raw, what, object_pairs_hook=_object)
 
 
@@ -145,10 +176,7 @@ def read_header(path: Path) -> Shard:
                 raise LayerdiffError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)")
             if 8 + n > size:
                 raise LayerdiffError(path, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
-            raw = f.read(n)
-    if len(raw) != n:
-        raise LayerdiffError(path, f"header length {n} runs past the end of the file (it shrank while being read)")
-    header = _parse_json(path, raw, "header")
+            header = _read_header_json(path, f, n)
     if not isinstance(header, dict):
         raise LayerdiffError(path, f"header is not a JSON object (got {type(header).__name__})")
     if header.duplicate == "__metadata__":
@@ -164,22 +192,38 @@ def read_header(path: Path) -> Shard:
     if metadata.duplicate is not None:
         raise LayerdiffError(path, f"__metadata__ has the key {_short(metadata.duplicate)} twice")
     shard = Shard(path, size, data_start, dict(metadata), stamp=Stamp.of(st))
-    spans: list[tuple[int, int, str]] = []
-    for name, entry in header.items():
-        shard.tensors[name] = info = _tensor(path, name, entry, data_start, size, shard.stamp)
-        spans.append((info.start, info.start + info.nbytes, name))
-    spans.sort()
+    for name in list(header):  # each entry freed as its TensorInfo is made
+        shard.tensors[name] = _tensor(path, name, header.pop(name), data_start, size, shard.stamp)
     reach, owner = 0, ""
-    for start, end, name in spans:
+    for t in sorted(shard.tensors.values(), key=_span):
+        start, end = t.start, t.start + t.nbytes
         if start < reach and end > start:
             raise LayerdiffError(
                 path,
-                f"tensors {_short(owner)} and {_short(name)} overlap "
+                f"tensors {_short(owner)} and {_short(t.name)} overlap "
                 f"(data bytes {start - data_start}..{min(end, reach) - data_start} are claimed by both)",
             )
         if end > reach:
-            reach, owner = end, name
+            reach, owner = end, t.name
     return shard
+
+
+def _span(t: TensorInfo) -> tuple[int, int, str]:
+    return t.start, t.start + t.nbytes, t.name
+
+
+def _read_header_json(path: Path, f: Any, n: int) -> Any:
+    """The header's n bytes from `f`, parsed; its bytes and text are dropped as
+    soon as they are used (a 100 MB header must not be held three times)."""
+    raw = f.read(n)
+    if len(raw) != n:
+        raise LayerdiffError(path, f"header length {n} runs past the end of the file (it shrank while being read)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise LayerdiffError(path, "header is not UTF-8 text") from None
+    del raw
+    return _parse_json(path, text, "header")
 
 
 def _nbytes(shape: list[int], itemsize: int) -> int | None:
@@ -199,7 +243,34 @@ def _nbytes(shape: list[int], itemsize: int) -> int | None:
 
 
 def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int, stamp: Stamp | None = None) -> TensorInfo:
-    where = f"tensor {_short(name)}"
+    def where() -> str:  # only when it fails: quoting 100,000 names costs
+        return f"tensor {_short(name)}"
+
+    if type(entry) is _Entry:
+        dtype, shape, begin, end = entry
+    else:
+        dtype, shape, begin, end = _checked(path, where(), entry)
+    if dtype not in DTYPES:
+        raise LayerdiffError(path, f"{where()}: unknown dtype {_short(dtype)}")
+    expected = _nbytes(shape, DTYPES[dtype].itemsize)
+    if expected is None:
+        raise LayerdiffError(path, f"{where()}: shape {_short(list(shape))} is too large to exist")
+    if begin > end:
+        raise LayerdiffError(path, f"{where()}: data_offsets [{begin}, {end}] are in the wrong order (begin > end)")
+    if end - begin != expected:
+        raise LayerdiffError(
+            path, f"{where()}: shape {_short(list(shape))} of {dtype} needs {expected} bytes but data_offsets span "
+                  f"{end - begin}"
+        )
+    if data_start + end > size:
+        raise LayerdiffError(
+            path, f"{where()}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)"
+        )
+    return TensorInfo(name, path, dtype, shape, data_start + begin, end - begin, stamp)
+
+
+def _checked(path: Path, where: str, entry: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """An entry `_entry` did not accept: the first thing wrong with it, as an error."""
     if not isinstance(entry, dict):
         raise LayerdiffError(path, f"{where}: entry is not a JSON object (got {_short(entry)})")
     if entry.duplicate is not None:
@@ -214,21 +285,7 @@ def _tensor(path: Path, name: str, entry: Any, data_start: int, size: int, stamp
         raise LayerdiffError(path, f"{where}: shape must be a list of non-negative integers, got {_short(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise LayerdiffError(path, f"{where}: data_offsets must be two non-negative integers, got {_short(offsets)}")
-    expected = _nbytes(shape, DTYPES[dtype].itemsize)
-    if expected is None:
-        raise LayerdiffError(path, f"{where}: shape {_short(shape)} is too large to exist")
-    begin, end = offsets
-    if begin > end:
-        raise LayerdiffError(path, f"{where}: data_offsets [{begin}, {end}] are in the wrong order (begin > end)")
-    if end - begin != expected:
-        raise LayerdiffError(
-            path, f"{where}: shape {_short(shape)} of {dtype} needs {expected} bytes but data_offsets span {end - begin}"
-        )
-    if data_start + end > size:
-        raise LayerdiffError(
-            path, f"{where}: data_offsets [{begin}, {end}] run past the end of the file ({size - data_start} data bytes)"
-        )
-    return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, end - begin, stamp)
+    return dtype, tuple(shape), offsets[0], offsets[1]
 
 
 @dataclass

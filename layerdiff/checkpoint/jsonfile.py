@@ -39,11 +39,11 @@ def read_bytes(path: Path, what: str, limit: int = MAX_JSON_BYTES) -> bytes:
     return raw
 
 
-def parse_json(path: Path, raw: bytes, what: str, object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None
-               ) -> Any:
-    """JSON text -> Python values; every problem is one FormatError naming `path`."""
+def parse_json(path: Path, raw: bytes | str, what: str,
+               object_pairs_hook: Callable[[list[tuple[str, Any]]], Any] | None = None) -> Any:
+    """JSON text (UTF-8 bytes, or str) -> Python values; every problem is one FormatError naming `path`."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=object_pairs_hook)
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw, object_pairs_hook=object_pairs_hook)
     except UnicodeDecodeError:
         raise FormatError(path, f"{what} is not UTF-8 text") from None
     except RecursionError:

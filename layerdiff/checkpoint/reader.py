@@ -62,6 +62,25 @@ def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
     return lo // unit * unit, min(size, -(-hi // unit) * unit)
 
 
+_HUGE = 2 << 20
+
+
+def _allocate(nbytes: int) -> np.ndarray:
+    """A byte buffer; from 1 MiB on, in 2 MiB-aligned transparent huge pages where
+    the kernel offers them: preadv copies into one twice as fast (12 vs 5.5 GB/s)."""
+    if nbytes < _HUGE // 2:
+        return np.empty(nbytes, np.uint8)
+    size = -(-nbytes // _HUGE) * _HUGE
+    region = mmap.mmap(-1, size + _HUGE)  # room to align; untouched pages cost nothing
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no THP here: ordinary pages
+        pass
+    offset = (-np.frombuffer(region, np.uint8, count=1).ctypes.data) % _HUGE
+    # Made straight from the region, so that views of it have it as their base (see _buffer).
+    return np.frombuffer(region, np.uint8, count=size, offset=offset)
+
+
 class Reader:
     """Opens shards on first use; counts the bytes it hands out.
 
@@ -158,13 +177,14 @@ class Reader:
 
     def _buffer(self, nbytes: int) -> np.ndarray:
         """A byte buffer of at least `nbytes` that no array handed out still views."""
-        for i, b in enumerate(self._bufs):
-            # The list, `b` and getrefcount's argument: 3 references; a live view adds one.
-            if sys.getrefcount(b) <= 3:
-                if b.size < nbytes:
-                    b = self._bufs[i] = np.empty(nbytes, np.uint8)
-                return b
-        b = np.empty(nbytes, np.uint8)
+        for i in range(len(self._bufs)):
+            # The list's reference and getrefcount's argument: 2; a live view adds one.
+            # (Not `for b in`: the loop variable, and enumerate's cached tuple, count too.)
+            if sys.getrefcount(self._bufs[i]) <= 2:
+                if self._bufs[i].size < nbytes:
+                    self._bufs[i] = _allocate(nbytes)
+                return self._bufs[i]
+        b = _allocate(nbytes)
         if len(self._bufs) < _KEEP:
             self._bufs.append(b)
         return b

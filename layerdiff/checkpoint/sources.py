@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FormatError, LayerdiffError
+from ..errors import FormatError, LayerdiffError, SourceError
 from .files import first_line, kind as file_kind
 from .jsonfile import read_json
 
@@ -51,7 +51,15 @@ class Source:
 
 
 def resolve(model: str, revision: str | None = None, cache_dir: str | None = None) -> Source:
-    """Find the safetensors weights a MODEL argument names."""
+    """Find the safetensors weights a MODEL argument names.
+
+    A path that exists is local. One that does not is a hub repo id only if it
+    looks like one (`name` or `org/name`) and nothing marks it as a path: a
+    start of `/`, `./`, `../` or `~`, a `.safetensors` or `.json` ending, or a
+    first component that is a local directory (`ckpts/run1` with `./ckpts`
+    present is a missing checkpoint, not a repo)."""
+    if not model.strip():
+        raise SourceError("MODEL", "is empty: name a checkpoint directory, a .safetensors or index file, or a hub repo id")
     path = Path(model).expanduser()
     try:
         if path.exists():
@@ -66,7 +74,10 @@ def resolve(model: str, revision: str | None = None, cache_dir: str | None = Non
             raise LayerdiffError(model, f"names revision {rev!r} and --revision {revision!r}: give one")
         revision = rev
     if not REPO_ID.match(repo_id) or repo_id.startswith((".", "/", "~")) or repo_id.endswith((".safetensors", ".json")):
-        raise LayerdiffError(model, "no such file or directory")
+        raise SourceError(model, "no such file or directory")
+    first = Path(repo_id.split("/")[0])
+    if "/" in repo_id and first.is_dir():
+        raise SourceError(model, f"no such file or directory (a path, not a hub repo id: {first}/ is a local directory)")
     source = _hub(repo_id, revision, cache_dir)
     source.spec = model
     return source

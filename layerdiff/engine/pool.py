@@ -146,7 +146,10 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
                 except BrokenProcessPool:
                     raise WorkerDied(item, _how(pool)) from None
                 for nxt in it:
-                    pending[pool.submit(fn, nxt)] = nxt
+                    try:
+                        pending[pool.submit(fn, nxt)] = nxt
+                    except BrokenProcessPool:  # a worker died since `fut` completed
+                        raise WorkerDied(nxt, _how(pool)) from None
                     break
                 yield result
     finally:

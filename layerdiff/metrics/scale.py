@@ -15,7 +15,8 @@ def scale_pca(scales: dict[str, list[float | None]], drop_null: bool = False) ->
     leaves at most layers - 1 of them) are not reported; the seed's keys keep them.
     """
     used = [f for f, v in scales.items() if v and all(x is not None and x > 0 for x in v)]
-    zero = [f for f, v in scales.items() if v and all(x is not None for x in v) and f not in used]
+    usable = set(used)  # a set: `in` a list of 50,000 experts made this quadratic (32 s)
+    zero = [f for f, v in scales.items() if v and all(x is not None for x in v) and f not in usable]
     out: dict[str, Any] = {"fam_used": used, "left_out_zero_norm": zero}
     if not used:
         return out | {"singvals": [], "loadings": [], "scores": [], "explained": []}

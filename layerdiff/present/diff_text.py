@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..compare.result import DiffResult
+from .escape import lines as text_lines
 
 WIDTH = 160  # tables wrap their family columns into blocks this wide
 MOST = 12  # most-changed tensors listed
@@ -104,4 +105,4 @@ def diff_text(r: DiffResult) -> str:
     run = r.run
     out += ["", f"read {run['bytes_analysed_a'] / 1e9:.3f} GB of A and {run['bytes_analysed_b'] / 1e9:.3f} GB of B "
             f"in {run['seconds']:.2f} s ({r.settings['jobs']} worker(s))"]
-    return "\n".join(out)
+    return text_lines(out)  # names from the files: control characters escaped

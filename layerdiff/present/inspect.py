@@ -7,6 +7,7 @@ from typing import Any
 from ..checkpoint.index import TensorIndex, grid
 from ..checkpoint.sources import Source
 from ..layout import Layout, aggregate_raw, family_order
+from .escape import lines as text_lines
 
 
 def _human(n: float) -> str:
@@ -161,4 +162,4 @@ def inspect_text(doc: dict[str, Any]) -> str:
     for t in doc["nonlayer"]:
         out.append(f"  {t['name']}  {t['shape']} {t['dtype']}  {_human(t['bytes'])}")
     out.append(f"total: {doc['total_params']:,} parameters, {_human(doc['total_bytes'])}")
-    return "\n".join(out)
+    return text_lines(out)  # names from the file: control characters escaped

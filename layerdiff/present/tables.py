@@ -7,6 +7,7 @@ import textwrap
 from typing import Any
 
 from ..result import PairStats, ScanResult, StackResult
+from .escape import lines as text_lines
 
 
 WIDTH = 160  # a table wider than this is cut into blocks of family columns
@@ -198,4 +199,4 @@ def scan_text(result: ScanResult) -> str:
         f"scanned {run['bytes_analysed'] / 1e9:.3f} GB in {run['seconds']:.2f} s "
         f"({result.settings['jobs']} worker(s), blocks of {result.settings['block_elements']} values)"
     )
-    return "\n".join(out)
+    return text_lines(out)  # names from the file: control characters escaped
