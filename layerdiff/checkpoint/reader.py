@@ -13,6 +13,12 @@ so there a truncated shard is a short read instead, a one-line error.
 
 Every shard is checked against the stamp its header was read with when it is
 opened, and whenever a read comes up short.
+
+Under a memory cap smaller than what a run reads (a cgroup limit), the page
+cache is charged to the cap: readahead and consumed pages fill it, and the
+kernel reclaims them against the scan's own memory, 2-3x slower than uncapped.
+There every process reads (workers too) and drops each block's file pages
+once consumed (`POSIX_FADV_DONTNEED`): see `dropping`.
 """
 
 from __future__ import annotations
@@ -55,6 +61,19 @@ _RELEASE = 2 << 20
 _KEEP = 4
 # Largest single read: Linux transfers at most 0x7ffff000 bytes per call.
 _CHUNK = 1 << 30
+# Set by `dropping` for a run, inherited by forked workers.
+_DROP = False
+
+
+@contextmanager
+def dropping(drop: bool) -> Iterator[None]:
+    """Readers made inside read every block and drop its file pages after use (see above)."""
+    global _DROP
+    old, _DROP = _DROP, drop
+    try:
+        yield
+    finally:
+        _DROP = old
 
 
 def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
@@ -84,10 +103,12 @@ def _allocate(nbytes: int) -> np.ndarray:
 class Reader:
     """Opens shards on first use; counts the bytes it hands out.
 
-    `mapped`: memory-map the shards (worker processes only, see above)."""
+    `mapped`: memory-map the shards (worker processes only, see above), unless
+    pages are being dropped."""
 
     def __init__(self, mapped: bool = False) -> None:
-        self.mapped = mapped
+        self.drop = _DROP
+        self.mapped = mapped and not self.drop
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._bufs: list[np.ndarray] = []
@@ -153,11 +174,20 @@ class Reader:
         return buf.reshape(r1 - r0, cols)
 
     def release(self, t: TensorInfo, r0: int, r1: int) -> None:
-        """Drop the pages of rows [r0, r1) from this process's resident set (mapped only)."""
-        if not self.mapped:
+        """Drop the pages of rows [r0, r1) from this process's resident set (mapped),
+        or from the page cache (when dropping)."""
+        if not (self.mapped or self.drop):
             return
         _, cols = grid(t.shape)
         itemsize = RAW_DTYPES[t.dtype].itemsize
+        if self.drop:
+            # The kernel drops only the folios wholly inside the range: start it at the
+            # folio boundary before the block (the bytes before it were read already, or
+            # cost a re-read); the block's last folio goes with the next block.
+            lo = (t.start + r0 * cols * itemsize) // _RELEASE * _RELEASE
+            hi = t.start + r1 * cols * itemsize
+            os.posix_fadvise(self._fd(t), lo, hi - lo, os.POSIX_FADV_DONTNEED)
+            return
         m = self._map(t)
         lo, hi = _pages(t.start + r0 * cols * itemsize, t.start + r1 * cols * itemsize, len(m), _RELEASE)
         if hi > lo:

@@ -17,8 +17,9 @@ import numpy as np
 
 from ..api import Model, open_model, scan_options
 from ..checkpoint.index import grid
+from ..checkpoint.reader import dropping
 from ..engine import centred, gram, multi
-from ..engine.budget import plan_budget
+from ..engine.budget import drop_pages, plan_budget
 from ..engine.plan import Plan, Segment
 from ..errors import SelectionError
 from ..layout import family_order
@@ -61,6 +62,10 @@ class DiffJob:
         return self.plan.bytes_total + (self.centred_plan.total_bytes(self.plan) if self.centred_plan else 0)
 
     def run(self, progress: Progress | None = None) -> DiffResult:
+        with dropping(drop_pages(self.total, self.options.max_memory)):
+            return self._run(progress)
+
+    def _run(self, progress: Progress | None) -> DiffResult:
         started = time.perf_counter()
         io: dict[str, Any] = {"bytes_mapped": 0, "read_bytes": 0}
         totals: multi.MultiTotals = []

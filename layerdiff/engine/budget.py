@@ -44,6 +44,43 @@ def read_bytes() -> int:
     return 0
 
 
+def memory_cap() -> int | None:
+    """The tightest memory limit of this process's cgroup and its ancestors (v1 or v2), or None."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2 unified
+            root, name = "/sys/fs/cgroup", "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = "/sys/fs/cgroup/memory", "memory.limit_in_bytes"
+        else:
+            continue
+        limits = []
+        parts = [p for p in path.split("/") if p]
+        for i in range(len(parts), -1, -1):
+            try:
+                with open(os.path.join(root, *parts[:i], name)) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if text.isdigit() and int(text) < 1 << 62:  # v1 says "unlimited" with a huge number
+                limits.append(int(text))
+        if limits:
+            return min(limits)
+    return None
+
+
+def drop_pages(nbytes: int, max_memory: int) -> bool:
+    """Whether a run reading `nbytes` should drop file pages as it goes: when they would
+    not fit in its cgroup's memory limit beside the run itself (see checkpoint/reader.py)."""
+    cap = memory_cap()
+    return cap is not None and nbytes > cap - max_memory
+
+
 def usable_cpus() -> int:
     """The cores this process may run on (affinity and cpusets, not the whole machine)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
