@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -77,6 +77,29 @@ def run_item(item: tuple[int, int, int]) -> tuple[tuple[int, int, int], np.ndarr
     return item, gram, extra, reader.bytes_mapped - before, os.getpid(), read_bytes()
 
 
+# Work per task sent to a worker: a diff's row blocks are small (two tensors' blocks
+# of ~2 MB), and a task per block spent more time in the pool than in the kernel.
+BATCH_BYTES = 64 << 20
+
+
+def batches(plan: Plan) -> Iterator[list[tuple[int, int, int]]]:
+    """The plan's items in runs of about BATCH_BYTES."""
+    batch: list[tuple[int, int, int]] = []
+    size = 0
+    for item in plan.items():
+        batch.append(item)
+        size += plan.item_bytes(item)
+        if size >= BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def run_batch(items: list[tuple[int, int, int]]) -> list[tuple[tuple[int, int, int], np.ndarray, np.ndarray, int, int, int]]:
+    return [run_item(item) for item in items]
+
+
 def _diff_raw(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[Any, ...]]
               ) -> tuple[np.ndarray, np.ndarray]:
     """A and B's blocks straight from the mapped bytes through the fused kernel (no decoded copies)."""
@@ -104,8 +127,9 @@ def execute(plan: Plan, diff: bool = False, progress: Callable[[int], None] | No
     ]
     mapped = 0
     read_by_pid: dict[int, int] = {}
-    for item, gram, extra, nbytes, pid, nread in pool.run(run_item, plan.items(), plan.jobs, pool.init_state,
-                                                          ((plan.segments, diff),)):
+    done = (r for batch in pool.run(run_batch, batches(plan), plan.jobs, pool.init_state, ((plan.segments, diff),))
+            for r in batch)
+    for item, gram, extra, nbytes, pid, nread in done:
         g, e = totals[item[0]]
         g += gram
         e[:, DIFF_SQ] += extra[:, DIFF_SQ]
