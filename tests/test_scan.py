@@ -257,3 +257,12 @@ def test_cli_malformed_options_are_one_line_errors(tmp_path, rng, args, message)
     ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=2))
     proc = run_cli("scan", str(ckpt), *args)
     assert proc.returncode == 1 and proc.stderr.strip() == message
+
+
+def test_a_small_scan_stays_in_one_process_unless_jobs_says_otherwise(tmp_path, rng):
+    """Forking workers costs more than they save for a few MB (see budget.IN_PROCESS_BYTES)."""
+    from layerdiff.api import open_model, plan, scan_options
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=4))
+    assert plan(open_model(str(ckpt)), scan_options()).plan.jobs == 1
+    assert plan(open_model(str(ckpt)), scan_options(jobs=2)).plan.jobs == 2

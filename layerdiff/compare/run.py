@@ -201,7 +201,8 @@ def plan_diff(a: Model, b: Model, options: ScanOptions) -> DiffJob:
     plan = rank_plan = None
     if read:
         segs = [m.segment() for m in read]
-        budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams=2)
+        budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams=2,
+                             nbytes=sum(t.nbytes for s in segs for t in s.tensors))
         plan = Plan(segs, [], budget.jobs, budget.block)
         if options.rank:
             rank_plan = gram.plan_rank(plan, options, delta=True)  # fails here, up front, if it cannot fit

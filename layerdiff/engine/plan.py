@@ -82,7 +82,8 @@ def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
     if not segs:
         raise SelectionError("scan", "nothing to analyse: no floating-point layer tensors match the selection")
     streams = max(len(s.layers) for s in segs) if options.all_pairs else 2  # all-pairs: every layer's block at once
-    budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams)
+    nbytes = sum(t.nbytes for s in segs for t in s.tensors)
+    budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams, nbytes)
     return Plan(segs, skipped, budget.jobs, budget.block)
 
 
