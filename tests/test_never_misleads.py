@@ -1,0 +1,98 @@
+"""Output that never misleads (issue 14): what was not computed, not stored or not counted is
+said so, and every number shown is checked against safetensors / numpy over the loaded fixture."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FIXTURES, load_all, run_cli, write_checkpoint
+from safetensors import safe_open
+
+HF = FIXTURES / "hf"
+
+
+def stored_names(folder: Path) -> set[str]:
+    out: set[str] = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), framework="numpy") as h:
+            out |= set(h.keys())
+    return out
+
+
+def inspect_json(folder: Path) -> dict:
+    proc = run_cli("inspect", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / np.sqrt((a @ a) * (b @ b)))
+
+
+# --- 1. values not computed print as `-`, are null in JSON ------------------------------------------
+
+
+def summary_rows(text: str) -> dict[str, list[str]]:
+    block = text.split("=== Per-family summary", 1)[1].split("\n===", 1)[0]
+    return {cells[0]: cells[1:] for line in block.splitlines()[4:] if len(cells := line.split()) == 7}
+
+
+def test_scan_without_rank_or_gram_prints_dashes_and_writes_nulls(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(HF / "bert"), "--jobs", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    st = doc["stacks"]["encoder.layer"]
+    t = load_all(HF / "bert")
+    q = [t[f"encoder.layer.{L}.attention.self.query.weight"] for L in range(5)]
+    rows = summary_rows(proc.stdout)
+    assert set(rows) == set(st["summary"]) and len(rows) == 16
+    for fam, cells in rows.items():
+        assert cells[-1] == "-", (fam, cells)  # mean_SE: no --rank
+        assert st["summary"][fam]["mean_SE"] is None and st["summary"][fam]["mean_gram_cos"] is None
+    # the values that were computed are the real ones
+    want = np.mean([cos(q[L], q[L + 1]) for L in range(4)])
+    assert float(rows["q_proj"][0]) == pytest.approx(want, abs=1e-4)
+    for p in st["pairs"]:
+        fams = p["families"]
+        assert fams["q_proj"]["cos"] == pytest.approx(cos(q[p["L"]], q[p["L"] + 1]), abs=1e-9)
+        assert all(s["resid_eff_rank"] is None and s["gram_cos"] is None for s in fams.values())
+    assert "0.0000" not in "".join(c[-1] for c in rows.values())
+    assert "Gram cosine" not in proc.stdout and "effective rank" not in proc.stdout
+
+
+def test_scan_rank_leaves_1d_families_as_dashes(tmp_path):
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(HF / "bert"), "--jobs", "1", "--rank", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(out.read_text())["stacks"]["encoder.layer"]
+    rows = summary_rows(proc.stdout)
+    for fam, cells in rows.items():
+        matrix = len(st["families"][fam]["shape"]) == 2
+        assert (cells[-1] != "-") == matrix, (fam, cells)
+        assert (st["summary"][fam]["mean_SE"] is not None) == matrix
+
+
+def test_diff_text_prints_dashes_for_ranks_of_1d_tensors(tmp_path):
+    t = load_all(HF / "bert")
+    rng = np.random.default_rng(5)
+    b = {k: (v + rng.uniform(0, 2) * v.std() * rng.standard_normal(v.shape).astype(v.dtype)) if v.dtype.kind == "f"
+         else v for k, v in t.items()}
+    write_checkpoint(tmp_path / "b", b)
+    proc = run_cli("diff", str(HF / "bert"), str(tmp_path / "b"), "--rank", "--jobs", "1", "--out", str(tmp_path / "d.json"))
+    assert proc.returncode == 0, proc.stderr
+    d = json.loads((tmp_path / "d.json").read_text())
+    for name, row in d["tensors"].items():
+        a64, b64 = t[name].astype(np.float64), b[name].astype(np.float64)
+        assert row["rel_change"] == pytest.approx(np.linalg.norm(b64 - a64) / np.linalg.norm(a64), rel=1e-6)
+        assert (row["delta_rank_90"] is None) == (t[name].ndim < 2)
+    lines = proc.stdout.split("=== Most changed tensors", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert {len(t[line.split()[0]].shape) for line in lines} == {1, 2}  # both kinds are listed
+    for line in lines:
+        name, *cells = line.split()
+        assert (cells[-3:] == ["-", "-", "-"]) == (t[name].ndim < 2), line
