@@ -96,3 +96,39 @@ def test_diff_text_prints_dashes_for_ranks_of_1d_tensors(tmp_path):
     for line in lines:
         name, *cells = line.split()
         assert (cells[-3:] == ["-", "-", "-"]) == (t[name].ndim < 2), line
+
+
+# --- 2. tied embeddings: only with a head class and the config's flag --------------------------------
+
+
+HEADS = ("lm_head.weight", "embed_out.weight")
+
+
+@pytest.mark.parametrize("name", ["bert", "mpnet", "vit", "clip", "modernbert", "qwen2", "gemma", "llama", "gpt_neox"])
+def test_tied_only_when_the_config_says_so_for_a_class_with_a_head(name):
+    folder = HF / name
+    config = json.loads((folder / "config.json").read_text())
+    flag = config.get("tie_word_embeddings")
+    base = all(c.endswith("Model") and not c.endswith("LMHeadModel") for c in config["architectures"])
+    head = [n for n in stored_names(folder) if n.endswith(HEADS)]
+    emb = inspect_json(folder)["embeddings"]
+    assert emb["tied"] is (flag is True and not base)
+    assert emb["output_head"] == (head[0] if head else None)
+    text = run_cli("inspect", str(folder)).stdout
+    line = next(x for x in text.splitlines() if x.startswith("embeddings: "))
+    if emb["tied"]:
+        assert line.startswith("embeddings: tied: ") and config["architectures"][0] in line and "config.json" in line
+    elif head:
+        assert line == f"embeddings: untied: output head {head[0]} is stored (matched by name)"
+    else:
+        assert line.startswith("embeddings: no output head stored (nothing to tie)")
+        if base and flag is True:  # BERT, MPNet: the flag is true, but the class has no head
+            assert f"{config['architectures'][0]} is a base model class" in line
+
+
+def test_no_config_and_no_head_is_not_guessed_tied(tmp_path, rng):
+    t = {"model.embed_tokens.weight": rng.standard_normal((16, 8)).astype(np.float32),
+         "model.layers.0.mlp.up_proj.weight": rng.standard_normal((8, 8)).astype(np.float32),
+         "model.layers.1.mlp.up_proj.weight": rng.standard_normal((8, 8)).astype(np.float32)}
+    emb = inspect_json(write_checkpoint(tmp_path / "c", t))["embeddings"]
+    assert emb["tied"] is False and emb["note"].endswith("; no config.json")

@@ -49,23 +49,42 @@ def _quant_block(config: dict[str, Any]) -> Any:
     return q.get("weight_block_size") if isinstance(q, dict) else None
 
 
+def _has_head(cls: str) -> bool:
+    """A model class with an output head: `*For...` or `*LMHeadModel`, not a bare `*Model` base class."""
+    return not cls.endswith("Model") or cls.endswith("LMHeadModel")
+
+
 def _tied(common: Common, config: dict[str, Any] | None, nonlayer: list[TensorInfo]) -> dict[str, Any]:
-    cfg = text_config(config)
-    flag = cfg.get("tie_word_embeddings") if config is not None else None
+    """Whether the output head reuses the input embedding. Tied only when the config says
+    tie_word_embeddings=true and its model class has a head: an encoder or base model stores
+    no head and has nothing to tie, whatever the flag (BERT's config says true)."""
+    flag = text_config(config).get("tie_word_embeddings") if config is not None else None
+    archs = (config or {}).get("architectures")
+    classes = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    head_class = next((c for c in classes if _has_head(c)), None)
     names = [t.name for t in nonlayer]
     head = next((n for n in names if n.endswith(common.output_heads)), None)
     embed = next((n for n in names if n.endswith(common.input_embeddings)), None)
-    tied = bool(flag) if isinstance(flag, bool) else (head is None and embed is not None)
+    tied = flag is True and head_class is not None
     if tied:
-        why = "config tie_word_embeddings=true" if flag is True else "no output head stored"
-        note = f"tied: the output head reuses {embed or 'the input embedding'} ({why})"
+        note = (f"tied: the output head of {head_class} reuses {embed or 'the input embedding'} "
+                "(from config.json: tie_word_embeddings=true and architectures names a class with a head)")
         if head is not None:
             note += f"; {head} is stored too"
     elif head is not None:
-        note = f"untied: output head {head}"
+        note = f"untied: output head {head} is stored (matched by name)"
     else:
-        note = "no output head stored"
-    return {"tied": tied, "config": flag, "output_head": head, "input_embedding": embed, "note": note}
+        none = f"no output head stored (nothing to tie): no tensor named *{', *'.join(common.output_heads)}"
+        if flag is True and classes:
+            note = f"{none}; {', '.join(classes)} is a base model class without one, whatever tie_word_embeddings says"
+        elif flag is True:
+            note = f"{none}; config tie_word_embeddings=true, but config.json names no model class (architectures)"
+        elif isinstance(flag, bool):
+            note = f"{none}; config tie_word_embeddings=false"
+        else:
+            note = f"{none}; {'config.json has no tie_word_embeddings' if config is not None else 'no config.json'}"
+    return {"tied": tied, "config": flag, "architectures": classes, "head_class": head_class, "output_head": head,
+            "input_embedding": embed, "note": note}
 
 
 def build_layout(index: TensorIndex, config: dict[str, Any] | None = None, archs: Registry | None = None) -> Layout:
