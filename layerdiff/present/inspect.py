@@ -93,6 +93,7 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
         "embeddings": layout.tied,
         "notes": layout.notes,
         "total_params": index.total_params,
+        "not_params": index.not_params(),
         "total_bytes": index.total_bytes,
     }
 
@@ -161,5 +162,9 @@ def inspect_text(doc: dict[str, Any]) -> str:
     out.append(f"non-layer tensors: {len(doc['nonlayer'])}")
     for t in doc["nonlayer"]:
         out.append(f"  {t['name']}  {t['shape']} {t['dtype']}  {_human(t['bytes'])}")
-    out.append(f"total: {doc['total_params']:,} parameters, {_human(doc['total_bytes'])}")
+    left = doc.get("not_params") or {}
+    out.append(f"total: {doc['total_params']:,} parameters (floating-point tensors), {_human(doc['total_bytes'])}")
+    if left:
+        each = ", ".join(f"{d['tensors']} {dt} tensors ({d['elements']:,} elements)" for dt, d in left.items())
+        out.append(f"  not counted as parameters (not floating point): {each}")
     return text_lines(out)  # names from the file: control characters escaped
