@@ -132,3 +132,46 @@ def test_no_config_and_no_head_is_not_guessed_tied(tmp_path, rng):
          "model.layers.1.mlp.up_proj.weight": rng.standard_normal((8, 8)).astype(np.float32)}
     emb = inspect_json(write_checkpoint(tmp_path / "c", t))["embeddings"]
     assert emb["tied"] is False and emb["note"].endswith("; no config.json")
+
+
+# --- 4. fused families: the part's shape next to the stored tensor's ----------------------------------
+
+
+def _fused_parts(name: str, t: dict[str, np.ndarray], L: int) -> dict[str, tuple[str, np.ndarray]]:
+    """family -> (raw name, the part as transformers slices it), from the config."""
+    c = json.loads((HF / name / "config.json").read_text())
+    h = c.get("hidden_size") or c["n_embd"]
+    if name == "phi3":
+        hd = h // c["num_attention_heads"]
+        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        qkv, gu = t[f"model.layers.{L}.self_attn.qkv_proj.weight"], t[f"model.layers.{L}.mlp.gate_up_proj.weight"]
+        i = c["intermediate_size"]
+        return {"q_proj": ("self_attn.qkv_proj.weight", qkv[:q]), "k_proj": ("self_attn.qkv_proj.weight", qkv[q:q + kv]),
+                "v_proj": ("self_attn.qkv_proj.weight", qkv[q + kv:]), "gate_proj": ("mlp.gate_up_proj.weight", gu[:i]),
+                "up_proj": ("mlp.gate_up_proj.weight", gu[i:])}
+    if name == "modernbert":
+        qkv, wi = t[f"model.layers.{L}.attn.Wqkv.weight"], t[f"model.layers.{L}.mlp.Wi.weight"]
+        i = c["intermediate_size"]
+        return {"q_proj": ("attn.Wqkv.weight", qkv[:h]), "k_proj": ("attn.Wqkv.weight", qkv[h:2 * h]),
+                "v_proj": ("attn.Wqkv.weight", qkv[2 * h:]), "gate_proj": ("mlp.Wi.weight", wi[:i]),
+                "up_proj": ("mlp.Wi.weight", wi[i:])}
+    w = t[f"transformer.h.{L}.attn.c_attn.weight"]  # gpt2 Conv1D [in, out]: q/k/v are column thirds
+    return {f: ("attn.c_attn.weight", w[:, k * h:(k + 1) * h]) for k, f in enumerate(("q_proj", "k_proj", "v_proj"))}
+
+
+@pytest.mark.parametrize("name,stack", [("phi3", "model.layers"), ("modernbert", "model.layers"),
+                                        ("gpt2", "transformer.h")])
+def test_fused_families_give_their_part_shape_in_the_scan_json(tmp_path, name, stack):
+    out = tmp_path / "r.json"
+    assert run_cli("scan", str(HF / name), "--jobs", "1", "--quiet", "--out", str(out)).returncode == 0
+    st = json.loads(out.read_text())["stacks"][stack]
+    t = load_all(HF / name)
+    for L in (1, 2):
+        for fam, (raw, part) in _fused_parts(name, t, L).items():
+            info = st["families"][fam]
+            assert info["raw"] == raw and info["shape"] == list(t[f"{stack}.{L}.{raw}"].shape)
+            assert info["part_shape"] == list(part.shape), fam
+            norm = float(np.linalg.norm(part.astype(np.float64)))
+            assert st["scales"][fam][st["layers"].index(L)] == pytest.approx(norm, rel=1e-6)
+    fused = {raw for raw, _ in _fused_parts(name, t, 1).values()}
+    assert all(("part_shape" in i) == (i["raw"] in fused) for f, i in st["families"].items() if not f.endswith(".bias"))
