@@ -97,13 +97,15 @@ class ScanJob:
         started = time.perf_counter()
         plan, rplan = self.plan, self.rank_plan
         ranks = grams = None
+        passes: dict[str, int] = {}  # bytes each pass's readers handed out: run.bytes_mapped is their sum
         if self.options.all_pairs:
             # Every layer's block at once: all inner products, the adjacent ones among them.
             grams, io = multi.execute(plan, progress=progress)
+            passes["all_pairs"] = io["bytes_mapped"]
             totals = [chain_totals(g) for g, _ in grams]
             if rplan is not None:
                 _, ranks, rank_io = gram.run_rank(plan, rplan, progress)
-                io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
+                io, passes["rank"] = io | rank_io, rank_io["rank_bytes_mapped"]
         elif rplan is not None:
             # 2-D families: one pair-major pass gives norms, cosines and spectra (each
             # tensor read twice); the rest (1-D) takes the chain pass.
@@ -111,18 +113,23 @@ class ScanJob:
             rest = [s for i, s in enumerate(plan.segments) if i not in done]
             part_totals, io = (chain.execute(Plan(rest, plan.skipped, plan.jobs, plan.block), progress) if rest
                                else ([], {"bytes_mapped": 0, "read_bytes": 0}))
+            passes["chain"] = io["bytes_mapped"]
             rank_totals, ranks, rank_io = gram.run_rank(plan, rplan, progress)
             it = iter(part_totals)
             totals = [rank_totals[i] if i in done else next(it) for i in range(len(plan.segments))]
-            io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
+            io, passes["rank"] = io | rank_io, rank_io["rank_bytes_mapped"]
         else:
             totals, io = chain.execute(plan, progress)
+            passes["chain"] = io["bytes_mapped"]
         gram_mats: dict[tuple[int, int], Any] = {}
         if self.centred_plan is not None:
-            for key, v in centred.run_centred(plan, self.centred_plan, progress).items():
+            values, passes["gram"] = centred.run_centred(plan, self.centred_plan, progress)
+            for key, v in values.items():
                 ranks = ranks or {}
                 ranks[key] = ranks.get(key, {}) | v
-            gram_mats = centred.run_matrices(plan, self.centred_plan)
+            if self.centred_plan.matrix_tasks:
+                gram_mats, passes["gram_all_pairs"] = centred.run_matrices(plan, self.centred_plan)
+        io = io | {"bytes_mapped": sum(passes.values()), "bytes_mapped_by_pass": passes}
         return self.result(totals, io, ranks, time.perf_counter() - started, grams, gram_mats)
 
     def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,

@@ -175,3 +175,46 @@ def test_fused_families_give_their_part_shape_in_the_scan_json(tmp_path, name, s
             assert st["scales"][fam][st["layers"].index(L)] == pytest.approx(norm, rel=1e-6)
     fused = {raw for raw, _ in _fused_parts(name, t, 1).values()}
     assert all(("part_shape" in i) == (i["raw"] in fused) for f, i in st["families"].items() if not f.endswith(".bias"))
+
+
+# --- 5. run.bytes_mapped covers every pass ------------------------------------------------------------
+
+
+def layer_bytes(folder: Path, prefix: str) -> tuple[int, dict[str, list[int]]]:
+    """Bytes of the 1-D layer tensors, and per 2-D raw name the bytes of each layer's tensor (safetensors' offsets)."""
+    one, two = 0, {}
+    for f in folder.glob("*.safetensors"):
+        n = int.from_bytes(f.read_bytes()[:8], "little")
+        for name, e in json.loads(f.read_bytes()[8:8 + n]).items():
+            if name.startswith(prefix) and name != "__metadata__":
+                size = e["data_offsets"][1] - e["data_offsets"][0]
+                if len(e["shape"]) == 1:
+                    one += size
+                else:
+                    two.setdefault(name.split(".", 3)[3], []).append(size)
+    return one, two
+
+
+@pytest.mark.parametrize("flags", [["--rank"], ["--gram"], ["--rank", "--gram"]])
+def test_bytes_mapped_adds_the_rank_and_gram_passes(tmp_path, flags):
+    out = tmp_path / "r.json"
+    assert run_cli("scan", str(HF / "bert"), "--quiet", "--out", str(out), *flags).returncode == 0
+    run = json.loads(out.read_text())["run"]
+    one, two = layer_bytes(HF / "bert", "encoder.layer.")
+    pairs = sum(2 * (len(v) - 1) * v[0] for v in two.values())  # each pair reads both layers: a second pass
+    chain = one if "--rank" in flags else one + sum(sum(v) for v in two.values())  # --rank takes the 2-D chain
+    want = chain + pairs * len(flags)
+    assert run["bytes_analysed"] == one + sum(sum(v) for v in two.values())
+    assert run["bytes_mapped"] == want == sum(run["bytes_mapped_by_pass"].values())
+    assert run["bytes_mapped_by_pass"].get("rank", 0) == (pairs if "--rank" in flags else 0)
+    assert run["bytes_mapped_by_pass"].get("gram", 0) == (pairs if "--gram" in flags else 0)
+
+
+def test_bytes_mapped_counts_a_fused_parts_whole_rows(tmp_path):
+    """phi3's q/k/v parts are row ranges of qkv_proj: the rank pass reads each part's rows, at least."""
+    out = tmp_path / "r.json"
+    assert run_cli("scan", str(HF / "phi3"), "--quiet", "--rank", "--out", str(out)).returncode == 0
+    run = json.loads(out.read_text())["run"]
+    one, two = layer_bytes(HF / "phi3", "model.layers.")
+    assert run["bytes_mapped_by_pass"]["chain"] == one
+    assert run["bytes_mapped"] >= one + run["rank_bytes_decoded"] >= one + sum(2 * (len(v) - 1) * v[0] for v in two.values())
