@@ -62,12 +62,13 @@ def inspect(model: str, revision: str | None = None, cache_dir: str | None = Non
 def scan_options(max_memory: int | str = 256 * MiB, jobs: int = 0, stacks: tuple[str, ...] | list[str] = (),
                  families: tuple[str, ...] | list[str] = (), layers: tuple[int, int] | str | None = None,
                  rank: bool | str | None = None, sketch: int = 0, all_pairs: bool = False,
-                 gram: bool = False) -> ScanOptions:
+                 gram: bool = False, pca_biases: bool = False) -> ScanOptions:
     """ScanOptions from friendly values: sizes as '256M', layers as '4:12', rank=True for exact."""
     memory = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     layer_range = parse_layers(layers) if isinstance(layers, str) else layers
     mode = "exact" if rank is True else (rank or None)
-    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch, all_pairs, gram)
+    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch, all_pairs, gram,
+                       pca_biases)
 
 
 @dataclass
@@ -139,7 +140,7 @@ class ScanJob:
         several runs over parts of the plan, added up: a sweep's distributed tasks)."""
         plan, rplan = self.plan, self.rank_plan
         layout = self.model.layout
-        stacks = {name: stack_result(name, layout, plan, totals, ranks)
+        stacks = {name: stack_result(name, layout, plan, totals, ranks, self.options.pca_biases)
                   for name in sorted({s.stack for s in plan.segments})}
         if grams is not None:
             left = self.centred_plan.matrix_left_out if self.centred_plan else {}
@@ -151,7 +152,7 @@ class ScanJob:
             "max_memory": o.max_memory, "jobs": plan.jobs, "block_elements": plan.block,
             "stacks": list(o.stacks), "families": list(o.families), "layers": list(o.layers) if o.layers else None,
             "rank": gram.describe(rplan) if rplan else None, "all_pairs": o.all_pairs,
-            "gram": self.centred_plan.describe() if self.centred_plan else None,
+            "gram": self.centred_plan.describe() if self.centred_plan else None, "pca_biases": o.pca_biases,
         }
         run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source

@@ -218,3 +218,44 @@ def test_bytes_mapped_counts_a_fused_parts_whole_rows(tmp_path):
     one, two = layer_bytes(HF / "phi3", "model.layers.")
     assert run["bytes_mapped_by_pass"]["chain"] == one
     assert run["bytes_mapped"] >= one + run["rank_bytes_decoded"] >= one + sum(2 * (len(v) - 1) * v[0] for v in two.values())
+
+
+# --- 6. tables grouped matrices, norms, biases; the PCA over matrices and norms -----------------------
+
+
+def header_families(text: str, title: str) -> list[str]:
+    """The family columns of a printed table, over all its blocks."""
+    block = text.split(title, 1)[1].split("\n===", 1)[0]
+    return [f for line in block.splitlines() if line.split()[:1] == ["L"] for f in line.split()[1:]]
+
+
+def pca_reference(norms: dict[str, list[float]]) -> np.ndarray:
+    """Singular values of the log scale track centred per family, the all-zero last mode dropped."""
+    m = np.log(np.array(list(norms.values())))
+    s = np.linalg.svd(m - m.mean(axis=1, keepdims=True), compute_uv=False)
+    return s[s > 1e-10 * s.max()]
+
+
+@pytest.mark.parametrize("biases", [False, True])
+def test_tables_group_matrices_norms_biases_and_the_pca_leaves_biases_out(tmp_path, biases):
+    out = tmp_path / "r.json"
+    proc = run_cli("scan", str(HF / "bert"), "--out", str(out), *(["--pca-biases"] if biases else []))
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(out.read_text())["stacks"]["encoder.layer"]
+    t = load_all(HF / "bert")
+    shapes = {f: t[f"encoder.layer.0.{i['raw']}"].shape for f, i in st["families"].items()}
+    kind = {f: 2 if f.endswith(".bias") else 0 if len(s) == 2 else 1 for f, s in shapes.items()}
+    for title in ("=== Adjacent-layer raw cos-sim", "=== Scale track"):
+        cols = header_families(proc.stdout, title)
+        assert sorted(cols) == sorted(st["families"]) and [kind[f] for f in cols] == sorted(kind[f] for f in cols)
+    assert all(len(line) <= 160 for line in proc.stdout.splitlines())
+    norms = {f: [float(np.linalg.norm(t[f"encoder.layer.{L}.{i['raw']}"].astype(np.float64))) for L in range(5)]
+             for f, i in st["families"].items() if biases or kind[f] < 2}
+    pca = st["pca"]
+    assert sorted(pca["fam_used"]) == sorted(norms)
+    assert pca["left_out_biases"] == ([] if biases else sorted(f for f in st["families"] if kind[f] == 2))
+    want = pca_reference({f: norms[f] for f in pca["fam_used"]})
+    assert len(want) == 4 and pca["singvals"] == pytest.approx(want.tolist(), rel=1e-6)  # 5 layers: 4 modes
+    assert pca["explained"] == pytest.approx((want**2 / (want**2).sum()).tolist(), rel=1e-6)
+    note = "over matrices, norms and biases (--pca-biases)" if biases else "over matrices and norms; biases left out: 8"
+    assert note in proc.stdout
