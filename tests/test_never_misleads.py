@@ -259,3 +259,60 @@ def test_tables_group_matrices_norms_biases_and_the_pca_leaves_biases_out(tmp_pa
     assert pca["explained"] == pytest.approx((want**2 / (want**2).sum()).tolist(), rel=1e-6)
     note = "over matrices, norms and biases (--pca-biases)" if biases else "over matrices and norms; biases left out: 8"
     assert note in proc.stdout
+
+
+# --- 8. the README's accuracy claim, per family kind and dtype ---------------------------------------
+
+
+def raw_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """Every tensor decoded from the bytes its header points at (ml_dtypes for bf16/fp8)."""
+    import ml_dtypes
+
+    dtypes = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "BOOL": np.bool_}
+    out = {}
+    for f in folder.glob("*.safetensors"):
+        raw = f.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        for name, e in json.loads(raw[8:8 + n]).items():
+            if name != "__metadata__":
+                a, b = e["data_offsets"]
+                out[name] = np.frombuffer(raw[8 + n + a:8 + n + b], dtypes[e["dtype"]]).reshape(e["shape"])
+    return out
+
+
+def dequantised(t: dict[str, np.ndarray], name: str) -> np.ndarray:
+    w = t[name].astype(np.float64)
+    scale = t.get(name[: -len("weight")] + "weight_scale_inv")
+    if scale is not None:  # one scale per 128 x 128 block
+        w = w * np.kron(scale.astype(np.float64), np.ones((128, 128)))[: w.shape[0], : w.shape[1]]
+    return w
+
+
+ACCURACY = {"F32": 1e-12, "F64": 1e-12, "BF16": 2e-8, "F16": 2e-8, "F8_E4M3": 2e-8, "F8_E5M2": 2e-8}
+
+
+@pytest.mark.parametrize("name", ["hf/bert", "hf/gpt2", "hf/qwen2", "hf/mistral", "hf/mbart", "st/fp8_block",
+                                  "st/dtypes"])
+def test_cosines_and_norms_are_as_accurate_as_the_readme_says(name):
+    import layerdiff
+
+    folder = FIXTURES / name
+    result = layerdiff.scan(str(folder), jobs=1)
+    t = raw_tensors(folder)
+    seen = set()
+    for sname, st in result.stacks.items():
+        for fam, info in st.families.items():
+            if info.part_shape is not None or info.experts is not None:
+                continue  # parts and expert sums: test_archs slices them
+            kind = "bias" if fam.endswith(".bias") else "matrix" if len(info.shape) >= 2 else "norm"
+            tol = ACCURACY[info.dtype]
+            w = {L: dequantised(t, f"{sname}.{L}.{info.raw}") for L in st.layers if f"{sname}.{L}.{info.raw}" in t}
+            for i, L in enumerate(st.layers):
+                if st.scales[fam][i]:
+                    assert st.scales[fam][i] == pytest.approx(np.linalg.norm(w[L]), rel=tol), (fam, L)
+            for p in st.pairs:
+                if fam in p.families:
+                    assert abs(p.families[fam]["cos"] - cos(w[p.L], w[p.L_next])) <= tol, (fam, p.L)
+                    seen.add((info.dtype, kind))
+    assert seen  # something of this fixture was compared
