@@ -316,3 +316,57 @@ def test_cosines_and_norms_are_as_accurate_as_the_readme_says(name):
                     assert abs(p.families[fam]["cos"] - cos(w[p.L], w[p.L_next])) <= tol, (fam, p.L)
                     seen.add((info.dtype, kind))
     assert seen  # something of this fixture was compared
+
+
+# --- 9. inspect --json lists every tensor: where its bytes are, what it maps to -----------------------
+
+
+LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>0|[1-9]\d{0,8})\.(?P<rest>.+)$")
+
+
+@pytest.mark.parametrize("name", ["hf/bert", "hf/phi3", "hf/granitemoe", "st/fp8_block", "st/dtypes"])
+def test_inspect_json_lists_every_tensor_with_offsets_and_mapping(name):
+    import struct
+
+    folder = FIXTURES / name
+    doc = inspect_json(folder)
+    got = {t["name"]: t for t in doc["tensors"]}
+    assert len(got) == len(doc["tensors"])
+    want = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        raw = f.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__", None)
+        with safe_open(str(f), framework="numpy") as h:
+            assert set(h.keys()) == set(header)
+            for k, e in header.items():
+                sl = h.get_slice(k)
+                assert (sl.get_dtype(), sl.get_shape()) == (e["dtype"], e["shape"])
+                a, b = 8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1]
+                want[k] = {"file": str(f), "dtype": e["dtype"], "shape": e["shape"], "data_offsets": e["data_offsets"],
+                           "file_offsets": [a, b]}
+                if not e["dtype"].startswith("F8"):  # the absolute offsets hold the tensor safetensors reads
+                    ref = h.get_tensor(k)
+                    assert np.array_equal(np.frombuffer(raw[a:b], ref.dtype).reshape(ref.shape), ref)
+    assert set(got) == set(want)
+    for k, w in want.items():
+        assert {x: got[k][x] for x in w} == w, k
+        m = LAYER_NAME.match(k)
+        t = got[k]
+        if m is None:
+            assert (t["stack"], t["layer"], t["families"], t["not_analysed"]) == (None, None, [], "not a layer tensor")
+            continue
+        assert t["stack"].split("[")[0] == m["stack"] and t["layer"] == int(m["layer"])
+        st = doc["stacks"][t["stack"]]
+        for fam in t["families"]:  # the family the tensor maps to has this tensor as its raw name
+            assert st["families"][fam["family"]]["raw"] == m["rest"]
+            assert fam["part"] == st["families"][fam["family"]]["part"]
+        if not t["families"]:
+            assert t["not_analysed"], k  # a scale, a buffer no table analyses, a refused format: said why
+        elif w["dtype"] in ("I64", "BOOL"):
+            assert t["not_analysed"] == f"{w['dtype']} is not a floating-point dtype"
+        else:
+            assert t["not_analysed"] is None
+    fused = [t for t in got.values() if len(t["families"]) > 1]
+    assert (len(fused) > 0) == (name in ("hf/phi3", "hf/granitemoe"))

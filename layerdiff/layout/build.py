@@ -24,6 +24,12 @@ from .select import choose_table, main_stack, model_types, text_config
 _LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>0|[1-9]\d{0,8})\.(?P<rest>.+)$")
 
 
+def split_name(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> ("model.layers", 3, "mlp.up_proj.weight"); None: not a layer tensor."""
+    m = _LAYER_NAME.match(name)
+    return (m.group("stack"), int(m.group("layer")), m.group("rest")) if m else None
+
+
 def _positive(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
@@ -95,11 +101,11 @@ def build_layout(index: TensorIndex, config: dict[str, Any] | None = None, archs
     grouped: dict[str, dict[int, dict[str, TensorInfo]]] = {}
     nonlayer: list[TensorInfo] = []
     for name, info in index.tensors.items():
-        m = _LAYER_NAME.match(name)
-        if m is None:
+        where = split_name(name)
+        if where is None:
             nonlayer.append(info)
             continue
-        grouped.setdefault(m.group("stack"), {}).setdefault(int(m.group("layer")), {})[m.group("rest")] = info
+        grouped.setdefault(where[0], {}).setdefault(where[1], {})[where[2]] = info
     nonlayer.sort(key=lambda t: t.name)
     notes: list[str] = []
     chosen: dict[str, tuple[Arch | None, TableMatch]] = {}
