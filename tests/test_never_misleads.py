@@ -370,3 +370,55 @@ def test_inspect_json_lists_every_tensor_with_offsets_and_mapping(name):
             assert t["not_analysed"] is None
     fused = [t for t in got.values() if len(t["families"]) > 1]
     assert (len(fused) > 0) == (name in ("hf/phi3", "hf/granitemoe"))
+
+
+# --- 7. the plot: a panel per kind, a style per line, the real path and table in the title ------------
+
+
+def test_plot_has_panels_per_kind_distinct_styles_and_says_where_and_what(tmp_path):
+    pytest.importorskip("matplotlib")
+    from layerdiff.present.plot import make_figure
+    from layerdiff.result import ScanResult
+
+    out = tmp_path / "r.json"
+    assert run_cli("scan", str(HF / "bert"), "--quiet", "--rank", "--out", str(out)).returncode == 0
+    result = ScanResult.from_json(out)
+    st = result.stacks["encoder.layer"]
+    fig = make_figure(result)
+    axes = {ax.get_label(): ax for ax in fig.axes}
+    assert set(axes) == {f"{p}:{k}" for p in ("cos", "scale") for k in ("matrices", "norms", "biases")} | {"rank", "pca"}
+    t = load_all(HF / "bert")
+    drawn = set()
+    for k, test in (("matrices", lambda f: len(st.families[f].shape) == 2), ("biases", lambda f: f.endswith(".bias")),
+                    ("norms", lambda f: len(st.families[f].shape) == 1 and not f.endswith(".bias"))):
+        for panel in ("cos", "scale"):
+            ax = axes[f"{panel}:{k}"]
+            fam_lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+            assert [ln.get_label() for ln in fam_lines] == [f for f in st.families if test(f)]
+            styles = [(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in fam_lines]
+            assert len(set(styles)) == len(styles)  # every line its own style
+            drawn |= {ln.get_label() for ln in fam_lines}
+    assert drawn == set(st.families)  # nothing dropped
+    qb = next(ln for ln in axes["cos:biases"].get_lines() if ln.get_label() == "q_proj.bias")
+    want = [cos(t[f"encoder.layer.{L}.attention.self.query.bias"], t[f"encoder.layer.{L + 1}.attention.self.query.bias"])
+            for L in range(4)]
+    assert list(qb.get_ydata()) == pytest.approx(want, abs=1e-9)
+    title = fig._suptitle.get_text()
+    assert str(HF / "bert") in title and "model_type bert" in title and "table bert (matched by model_type bert)" in title
+
+
+def test_plot_of_40_families_gives_each_line_its_own_style(tmp_path, rng):
+    pytest.importorskip("matplotlib")
+    from layerdiff.present.plot import make_figure
+    from layerdiff.result import ScanResult
+
+    t = {f"model.layers.{L}.blk.w{i:02d}.weight": rng.standard_normal((8, 8)).astype(np.float32)
+         for L in range(3) for i in range(40)}
+    out = tmp_path / "r.json"
+    assert run_cli("scan", str(write_checkpoint(tmp_path / "c", t)), "--quiet", "--out", str(out)).returncode == 0
+    fig = make_figure(ScanResult.from_json(out))
+    for ax in fig.axes:
+        fam_lines = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+        styles = {(ln.get_color(), ln.get_marker(), ln.get_linestyle()) for ln in fam_lines}
+        assert len(styles) == len(fam_lines) == (40 if ax.get_label() in ("cos:matrices", "scale:matrices") else 0)
+    assert fig._supxlabel is None  # nothing left out, so no note
