@@ -98,6 +98,25 @@ def test_diff_text_prints_dashes_for_ranks_of_1d_tensors(tmp_path):
         assert (cells[-3:] == ["-", "-", "-"]) == (t[name].ndim < 2), line
 
 
+
+def test_sweep_table_has_no_rows_for_values_not_computed(tmp_path):
+    import csv
+
+    table = tmp_path / "t.csv"
+    proc = run_cli("sweep", str(HF / "bert"), str(HF / "mpnet"), "--out-dir", str(tmp_path / "d"), "--table", str(table),
+                   "--quiet", "--jobs", "1")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert rows and all(r["value"] != "" for r in rows)  # never an empty value standing for 0
+    metrics = {r["metric"] for r in rows}
+    assert "cos" in metrics and not metrics & {"resid_eff_rank", "resid_spec_entropy", "resid_stable_rank", "gram_cos"}
+    t = load_all(HF / "bert")
+    q = {int(r["L"]): float(r["value"]) for r in rows
+         if r["checkpoint"] == str(HF / "bert") and r["family"] == "q_proj" and r["metric"] == "cos"}
+    want = {L: cos(t[f"encoder.layer.{L}.attention.self.query.weight"], t[f"encoder.layer.{L + 1}.attention.self.query.weight"])
+            for L in range(4)}
+    assert q == pytest.approx(want, abs=1e-9)
+
 # --- 2. tied embeddings: only with a head class and the config's flag --------------------------------
 
 
