@@ -64,12 +64,13 @@ def inspect(model: str, revision: str | None = None, cache_dir: str | None = Non
 def scan_options(max_memory: int | str = 256 * MiB, jobs: int = 0, stacks: tuple[str, ...] | list[str] = (),
                  families: tuple[str, ...] | list[str] = (), layers: tuple[int, int] | str | None = None,
                  rank: bool | str | None = None, sketch: int = 0, all_pairs: bool = False,
-                 gram: bool = False) -> ScanOptions:
+                 gram: bool = False, pca_biases: bool = False) -> ScanOptions:
     """ScanOptions from friendly values: sizes as '256M', layers as '4:12', rank=True for exact."""
     memory = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
     layer_range = parse_layers(layers) if isinstance(layers, str) else layers
     mode = "exact" if rank is True else (rank or None)
-    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch, all_pairs, gram)
+    return ScanOptions(memory, jobs, tuple(stacks), tuple(families), layer_range, mode, sketch, all_pairs, gram,
+                       pca_biases)
 
 
 @dataclass
@@ -100,13 +101,15 @@ class ScanJob:
         started = time.perf_counter()
         plan, rplan = self.plan, self.rank_plan
         ranks = grams = None
+        passes: dict[str, int] = {}  # bytes each pass's readers handed out: run.bytes_mapped is their sum
         if self.options.all_pairs:
             # Every layer's block at once: all inner products, the adjacent ones among them.
             grams, io = multi.execute(plan, progress=progress)
+            passes["all_pairs"] = io["bytes_mapped"]
             totals = [chain_totals(g) for g, _ in grams]
             if rplan is not None:
                 _, ranks, rank_io = gram.run_rank(plan, rplan, progress)
-                io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
+                io, passes["rank"] = io | rank_io, rank_io["rank_bytes_mapped"]
         elif rplan is not None:
             # 2-D families: one pair-major pass gives norms, cosines and spectra (each
             # tensor read twice); the rest (1-D) takes the chain pass.
@@ -114,18 +117,23 @@ class ScanJob:
             rest = [s for i, s in enumerate(plan.segments) if i not in done]
             part_totals, io = (chain.execute(Plan(rest, plan.skipped, plan.jobs, plan.block), progress) if rest
                                else ([], {"bytes_mapped": 0, "read_bytes": 0}))
+            passes["chain"] = io["bytes_mapped"]
             rank_totals, ranks, rank_io = gram.run_rank(plan, rplan, progress)
             it = iter(part_totals)
             totals = [rank_totals[i] if i in done else next(it) for i in range(len(plan.segments))]
-            io = io | rank_io | {"bytes_mapped": io["bytes_mapped"] + rank_io["rank_bytes_decoded"]}
+            io, passes["rank"] = io | rank_io, rank_io["rank_bytes_mapped"]
         else:
             totals, io = chain.execute(plan, progress)
+            passes["chain"] = io["bytes_mapped"]
         gram_mats: dict[tuple[int, int], Any] = {}
         if self.centred_plan is not None:
-            for key, v in centred.run_centred(plan, self.centred_plan, progress).items():
+            values, passes["gram"] = centred.run_centred(plan, self.centred_plan, progress)
+            for key, v in values.items():
                 ranks = ranks or {}
                 ranks[key] = ranks.get(key, {}) | v
-            gram_mats = centred.run_matrices(plan, self.centred_plan)
+            if self.centred_plan.matrix_tasks:
+                gram_mats, passes["gram_all_pairs"] = centred.run_matrices(plan, self.centred_plan)
+        io = io | {"bytes_mapped": sum(passes.values()), "bytes_mapped_by_pass": passes}
         return self.result(totals, io, ranks, time.perf_counter() - started, grams, gram_mats)
 
     def result(self, totals: chain.Totals, io: dict[str, int], ranks: dict[Any, Any] | None = None,
@@ -135,7 +143,7 @@ class ScanJob:
         several runs over parts of the plan, added up: a sweep's distributed tasks)."""
         plan, rplan = self.plan, self.rank_plan
         layout = self.model.layout
-        stacks = {name: stack_result(name, layout, plan, totals, ranks)
+        stacks = {name: stack_result(name, layout, plan, totals, ranks, self.options.pca_biases)
                   for name in sorted({s.stack for s in plan.segments})}
         if grams is not None:
             left = self.centred_plan.matrix_left_out if self.centred_plan else {}
@@ -147,7 +155,7 @@ class ScanJob:
             "max_memory": o.max_memory, "jobs": plan.jobs, "block_elements": plan.block,
             "stacks": list(o.stacks), "families": list(o.families), "layers": list(o.layers) if o.layers else None,
             "rank": gram.describe(rplan) if rplan else None, "all_pairs": o.all_pairs,
-            "gram": self.centred_plan.describe() if self.centred_plan else None,
+            "gram": self.centred_plan.describe() if self.centred_plan else None, "pca_biases": o.pca_biases,
         }
         run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
         source = self.model.source

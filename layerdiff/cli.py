@@ -132,16 +132,18 @@ def inspect(model: str, revision: str | None, cache_dir: str | None, as_json: bo
 @click.option("--gram", is_flag=True,
               help="Also gram_cos: the centred Gram cosine on the residual side, blind to permutations of heads "
                    "and hidden units (reads 2-D tensors again).")
+@click.option("--pca-biases", is_flag=True, help="The scale track's PCA over biases too (default: matrices and norms).")
 @rank_options
 @clean_errors
 def scan(model: str, revision: str | None, cache_dir: str | None, out: Path | None, max_memory: str,
          stacks: tuple[str, ...], families: tuple[str, ...], layers: str | None, jobs: int, quiet: bool,
-         all_pairs: bool, gram: bool, rank: bool, rank_approx: bool, sketch: int, plot: Path | None) -> None:
+         all_pairs: bool, gram: bool, pca_biases: bool, rank: bool, rank_approx: bool, sketch: int,
+         plot: Path | None) -> None:
     """The null test: cosine, residual and scale track of adjacent layers."""
     from .api import open_model, scan_options
 
     options = scan_options(max_memory, jobs, stacks, families, layers, rank_mode(rank, rank_approx, sketch), sketch,
-                           all_pairs, gram)
+                           all_pairs, gram, pca_biases)
     _run_scan(open_model(model, revision, cache_dir), options, out, quiet, plot)
 
 

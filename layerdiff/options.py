@@ -15,7 +15,8 @@ class ScanOptions:
     """Options of `scan` (and of the scans inside `diff` and `sweep`).
 
     `all_pairs`: every layer against every other; `gram`: the permutation-
-    invariant centred Gram cosine of adjacent layers. `rank`: residual spectra, None (off), "exact" (Gram matrices; fail up front
+    invariant centred Gram cosine of adjacent layers; `pca_biases`: the scale
+    track's PCA over biases as well as matrices and norms. `rank`: residual spectra, None (off), "exact" (Gram matrices; fail up front
     if they do not fit), "auto" (exact where it fits, else a sketch with
     guaranteed bounds) or "sketch" (sketch everywhere); `sketch` is its number
     of columns (0: as many as fit, up to 512)."""
@@ -29,6 +30,7 @@ class ScanOptions:
     sketch: int = 0
     all_pairs: bool = False  # the L x L cosine matrix of every family (one multi-stream pass)
     gram: bool = False  # gram_cos: the centred Gram cosine on the residual side, per adjacent pair
+    pca_biases: bool = False  # the scale track's PCA over biases too (their norms follow other schedules)
 
     def __post_init__(self) -> None:
         if self.rank not in RANK_MODES:

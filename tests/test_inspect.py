@@ -20,6 +20,7 @@ ITEMSIZE = {code: np.dtype(t).itemsize for code, t in {
     "I32": np.int32, "U64": np.uint64, "I64": np.int64, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F32": np.float32, "F64": np.float64, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }.items()}
+FLOATS = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}  # what counts as a parameter
 LAYER = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 
 FIXTURE_NAMES = {
@@ -65,7 +66,10 @@ def expected(folder: Path) -> dict:
         "shards": shards,
         "stacks": stacks,
         "nonlayer": nonlayer,
-        "total_params": sum(t["numel"] for t in tensors.values()),
+        "total_params": sum(t["numel"] for t in tensors.values() if t["dtype"] in FLOATS),
+        "not_params": {dt: {"tensors": sum(t["dtype"] == dt for t in tensors.values()),
+                            "elements": sum(t["numel"] for t in tensors.values() if t["dtype"] == dt)}
+                       for dt in sorted({t["dtype"] for t in tensors.values()} - FLOATS)},
         "total_bytes": sum(t["bytes"] for t in tensors.values()),
     }
 
@@ -79,6 +83,7 @@ def check(folder: Path) -> dict:
     assert doc["source"]["root"] == str(folder)
     assert sorted(doc["shards"], key=lambda s: s["file"]) == want["shards"]
     assert doc["total_params"] == want["total_params"]
+    assert doc["not_params"] == want["not_params"]
     assert doc["total_bytes"] == want["total_bytes"]
     assert {t["name"]: {"dtype": t["dtype"], "shape": t["shape"], "bytes": t["bytes"]} for t in doc["nonlayer"]} == {
         name: {k: t[k] for k in ("dtype", "shape", "bytes")} for name, t in want["nonlayer"].items()}
@@ -113,7 +118,9 @@ def check(folder: Path) -> dict:
         assert shard["file"] in text.stdout
     for name, st in doc["stacks"].items():
         assert f"stack {name}: {st['n_layers']} layers ({st['layers'][0]}..{st['layers'][1]})" in text.stdout
-    assert f"{doc['total_params']:,} parameters" in text.stdout
+    assert f"{doc['total_params']:,} parameters (floating-point tensors)" in text.stdout
+    for dt, d in want["not_params"].items():
+        assert f"{d['tensors']} {dt} tensors ({d['elements']:,} elements)" in text.stdout
     return doc
 
 

@@ -33,38 +33,45 @@ def lines(ax) -> list[Line2D]:
     return [x for x in ax.get_lines()]
 
 
-def test_figure_has_four_panels_with_one_line_per_family():
+def panel(fig, label: str):
+    """An axes of the scan figure by its label: cos:<kind>, scale:<kind> (matrices, norms, biases), rank, pca."""
+    return next(ax for ax in fig.axes if ax.get_label() == label)
+
+
+def test_figure_has_panels_per_kind_with_one_line_per_family():
     result = example_result()
     st = result["stacks"]["model.layers"]
     fams = list(st["families"])  # 11: 7 matrices, 4 norm vectors
     ranked = [f for f in fams if st["families"][f]["shape"].__len__() == 2]
+    norms = [f for f in fams if f not in ranked]
     fig = make_figure(result)
-    ax_cos, ax_rank, ax_scale, ax_pca = fig.axes
-    assert len(fig.axes) == 4
-    # cosines: a line per family plus the two null references at 1 and 0
-    refs = [ln for ln in lines(ax_cos) if ln.get_label().startswith("_")]
-    assert sorted(float(ln.get_ydata()[0]) for ln in refs) == [0.0, 1.0]
-    assert {ln.get_label() for ln in lines(ax_cos)} - {ln.get_label() for ln in refs} == set(fams)
-    assert len(lines(ax_cos)) == len(fams) + 2
+    assert sorted(ax.get_label() for ax in fig.axes) == ["cos:matrices", "cos:norms", "pca", "rank", "scale:matrices",
+                                                        "scale:norms"]  # no biases here: no bias panels
+    for k, members in (("matrices", ranked), ("norms", norms)):
+        ax_cos, ax_scale = panel(fig, f"cos:{k}"), panel(fig, f"scale:{k}")
+        # cosines: a line per family of the kind plus the two null references at 1 and 0
+        refs = [ln for ln in lines(ax_cos) if ln.get_label().startswith("_")]
+        assert sorted(float(ln.get_ydata()[0]) for ln in refs) == [0.0, 1.0]
+        assert [ln.get_label() for ln in lines(ax_cos) if ln not in refs] == members
+        assert [t.get_text() for t in ax_cos.get_legend().get_texts()] == members
+        # scale track on a log axis, one line per family over all layers
+        assert ax_scale.get_yscale() == "log" and [ln.get_label() for ln in lines(ax_scale)] == members
+        assert all(len(ln.get_xdata()) == len(st["layers"]) for ln in lines(ax_scale))
     # the data drawn are the result's numbers
-    q = next(ln for ln in lines(ax_cos) if ln.get_label() == "q_proj")
+    q = next(ln for ln in lines(panel(fig, "cos:matrices")) if ln.get_label() == "q_proj")
     assert list(q.get_xdata()) == [pr["L"] for pr in st["pairs"]]
     assert list(q.get_ydata()) == pytest.approx([pr["families"]["q_proj"]["cos"] for pr in st["pairs"]])
     # effective rank: one line per 2-D family
+    ax_rank = panel(fig, "rank")
     assert sorted(ln.get_label() for ln in lines(ax_rank)) == sorted(ranked)
     up = next(ln for ln in lines(ax_rank) if ln.get_label() == "up_proj")
     assert list(up.get_ydata()) == pytest.approx([pr["families"]["up_proj"]["resid_eff_rank"] for pr in st["pairs"]])
-    # scale track on a log axis, one line per family over all layers
-    assert ax_scale.get_yscale() == "log" and len(lines(ax_scale)) == len(fams)
-    assert all(len(ln.get_xdata()) == len(st["layers"]) for ln in lines(ax_scale))
     # PCA: one bar per mode, heights = explained variance in percent
-    heights = [p.get_height() for p in ax_pca.patches]
+    heights = [p.get_height() for p in panel(fig, "pca").patches]
     assert heights == pytest.approx([100 * x for x in st["pca"]["explained"]])
     for ax in fig.axes:  # labelled
         assert ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
     assert "layerdiff-example" in fig._suptitle.get_text() and "model.layers" in fig._suptitle.get_text()
-    legend = fig.legends[0]
-    assert [t.get_text() for t in legend.get_texts()] == fams
 
 
 def test_png_and_svg_are_valid_images(tmp_path):
@@ -87,7 +94,7 @@ def test_png_and_svg_are_valid_images(tmp_path):
 
 def test_without_rank_the_panel_says_how_to_get_it():
     fig = make_figure(example_result(rank=None))
-    ax_rank = fig.axes[1]
+    ax_rank = panel(fig, "rank")
     assert lines(ax_rank) == []
     assert any("--rank" in t.get_text() for t in ax_rank.texts)
 
@@ -98,7 +105,7 @@ def test_sketch_bounds_are_drawn_as_bands(tmp_path, rng):
     layout = build_layout(load_index(source.files, source.index_file), source.config)
     result = scan(layout, ScanOptions(rank="sketch", sketch=8))
     fig = make_figure(result)
-    ax_rank = fig.axes[1]
+    ax_rank = panel(fig, "rank")
     assert len(lines(ax_rank)) == 7 and len(ax_rank.collections) == 7
     assert "sketch bounds" in ax_rank.get_title()
 
@@ -156,7 +163,7 @@ def test_rank_lines_skip_pairs_without_a_value():
     st = result["stacks"]["model.layers"]
     st["pairs"][1]["families"]["q_proj"]["resid_eff_rank"] = None
     fig = make_figure(result)
-    q = next(ln for ln in fig.axes[1].get_lines() if ln.get_label() == "q_proj")
+    q = next(ln for ln in panel(fig, "rank").get_lines() if ln.get_label() == "q_proj")
     assert math.isnan(q.get_ydata()[1])
 
 
@@ -167,10 +174,11 @@ def test_many_experts_give_way_to_their_aggregate():
     layout = build_layout(load_index(source.files, source.index_file), source.config)
     result = scan(layout, ScanOptions(rank="exact"))
     fig = make_figure(result)
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
     assert "experts.gate_proj" in labels and "router" in labels
     assert not any(lbl.startswith("experts.0.") for lbl in labels)
-    assert labels[-1].startswith("(+12 more families")
+    note = fig._supxlabel.get_text()  # what is not drawn is named on the figure
+    assert "not drawn (12 families): experts.{E}.down_proj (4 experts)" in note and "aggregates" in note
 
 
 @pytest.mark.parametrize("text, problem", [

@@ -162,10 +162,13 @@ STACKS = """\
   are moved to the stack `<main>[mtp]` (`[extra]` when the config has no
   `num_nextn_predict_layers`): reported apart, never paired with the last real layer;
   their own extra tensors (`eh_proj`, `enorm`, ...) are unmapped raw families.
-* **Tied embeddings** are noted by `inspect` (`embeddings: tied: the output head reuses
-  model.embed_tokens.weight (config tie_word_embeddings=true)`), from the config's
-  `tie_word_embeddings`, or, without it, from the absence of an output head
-  ({heads}) next to an input embedding ({embeddings}).
+* **Tied embeddings** are noted by `inspect` (`embeddings: tied: the output head of
+  Qwen2ForCausalLM reuses model.embed_tokens.weight (from config.json: ...)`) only when the
+  config says `tie_word_embeddings: true` and its `architectures` names a class with an
+  output head (`*For...`, `*LMHeadModel`; not a bare `*Model` base class such as BertModel,
+  whatever its flag says). An output head stored ({heads}) is `untied` (matched by name);
+  otherwise `no output head stored (nothing to tie)`, with the reason. The input embedding
+  named is the first of {embeddings}.
 
 ## How the splits were checked
 

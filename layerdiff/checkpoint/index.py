@@ -301,7 +301,19 @@ class TensorIndex:
 
     @property
     def total_params(self) -> int:
-        return sum(t.numel for t in self.tensors.values())
+        """Elements of the floating-point tensors: integer and bool buffers (position_ids, masks)
+        are not parameters, and a count including them would overstate the model."""
+        return sum(t.numel for t in self.tensors.values() if t.is_float)
+
+    def not_params(self) -> dict[str, dict[str, int]]:
+        """What total_params leaves out: per dtype, how many tensors and elements."""
+        out: dict[str, dict[str, int]] = {}
+        for t in self.tensors.values():
+            if not t.is_float:
+                d = out.setdefault(t.dtype, {"tensors": 0, "elements": 0})
+                d["tensors"] += 1
+                d["elements"] += t.numel
+        return dict(sorted(out.items()))
 
     def stamps(self) -> list[tuple[Path, Stamp | None]]:
         """Every shard and what it was when its header was read."""

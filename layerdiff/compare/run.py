@@ -73,7 +73,9 @@ class DiffJob:
             totals, io = multi.execute(self.plan, diff=True, progress=progress)
         spectra = self._spectra(totals, io) if self.rank_plan is not None else {}
         if self.centred_plan is not None and self.plan is not None:
-            for (si, part, _), v in centred.run_centred(self.plan, self.centred_plan, progress).items():
+            values, mapped = centred.run_centred(self.plan, self.centred_plan, progress)
+            io["bytes_mapped"] += mapped  # every pass's reads, as scan counts them
+            for (si, part, _), v in values.items():
                 spectra.setdefault(si, {}).setdefault(part, {}).update(v)
         tensors = {m.name: _tensor(m, t, spectra.get(i, {})) for i, (m, t) in enumerate(zip(self.read, totals))}
         for m in self.unread:
@@ -104,7 +106,7 @@ class DiffJob:
         sub = Plan(segs, [], self.plan.jobs, self.plan.block)
         rp = gram.plan_rank(sub, self.options, delta=True)
         _, ranks, rank_io = gram.run_rank(sub, rp)
-        io["bytes_mapped"] += rank_io["rank_bytes_decoded"]
+        io["bytes_mapped"] += rank_io["rank_bytes_mapped"]
         io.update(rank_io)
         out: dict[int, dict[int, dict[str, Any]]] = {}
         for (si, part, _), st in ranks.items():

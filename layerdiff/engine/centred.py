@@ -215,36 +215,44 @@ def gram_matrix(task: CentredTask, seg: Segment, reader: Reader) -> list[list[fl
              for j in range(len(seg.layers))] for i in range(len(seg.layers))]
 
 
-def _pool_run(i: int) -> tuple[int, list[float | None]]:
+def _pool_run(i: int) -> tuple[int, list[float | None], int]:
     segments, tasks = pool.STATE["payload"]
+    reader = pool.STATE["reader"]
+    before = reader.bytes_mapped
     with np.errstate(all="ignore"):
-        return i, run_task(tasks[i], segments[tasks[i].seg], pool.STATE["reader"])
+        values = run_task(tasks[i], segments[tasks[i].seg], reader)
+    return i, values, reader.bytes_mapped - before
 
 
 def run_centred(plan: Plan, cp: CentredPlan, progress: Callable[[int], None] | None = None
-                ) -> dict[tuple[int, int, int], dict[str, Any]]:
-    """gram_cos per (segment, part, pair)."""
+                ) -> tuple[dict[tuple[int, int, int], dict[str, Any]], int]:
+    """gram_cos per (segment, part, pair), and the bytes the pass's readers handed out."""
     out: dict[tuple[int, int, int], dict[str, Any]] = {}
+    mapped = 0
     # One task at a time in this process: all cores' BLAS threads on it; in workers, one each.
     threads = 1 if cp.jobs > 1 else usable_cpus()
-    for i, values in pool.run(_pool_run, range(len(cp.tasks)), cp.jobs, pool.init_state,
-                              ((plan.segments, cp.tasks), threads)):
+    for i, values, nbytes in pool.run(_pool_run, range(len(cp.tasks)), cp.jobs, pool.init_state,
+                                      ((plan.segments, cp.tasks), threads)):
         t = cp.tasks[i]
+        mapped += nbytes
         for j, v in enumerate(values):
             out[(t.seg, t.part, j)] = {"gram_cos": v}
         if progress is not None:
             progress(task_bytes(t, plan.segments[t.seg]))
-    return out
+    return out, mapped
 
 
-def run_matrices(plan: Plan, cp: CentredPlan) -> dict[tuple[int, int], list[list[float | None]]]:
-    """The L x L gram_cos of every family that fits, one at a time in this process (all cores' BLAS)."""
+def run_matrices(plan: Plan, cp: CentredPlan) -> tuple[dict[tuple[int, int], list[list[float | None]]], int]:
+    """The L x L gram_cos of every family that fits, one at a time in this process (all cores' BLAS),
+    and the bytes its reader handed out."""
     out: dict[tuple[int, int], list[list[float | None]]] = {}
     pool.init_state(None, blas_threads=usable_cpus())
     try:
+        reader = pool.STATE["reader"]
         for t in cp.matrix_tasks:
             with np.errstate(all="ignore"):
-                out[(t.seg, t.part)] = gram_matrix(t, plan.segments[t.seg], pool.STATE["reader"])
+                out[(t.seg, t.part)] = gram_matrix(t, plan.segments[t.seg], reader)
+        mapped = reader.bytes_mapped
     finally:
         pool.close_state()
-    return out
+    return out, mapped

@@ -386,6 +386,7 @@ class TaskResult:
     dots: np.ndarray  # <W_L, W_L+1>
     stats: list[dict[str, Any] | None]  # per pair
     nbytes: int  # bytes decoded
+    mapped: int = 0  # bytes the reader handed out (whole rows of a fused part, every column block's rows)
 
 
 def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: list[tuple[int, int]],
@@ -451,6 +452,7 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
     carry: np.ndarray | None = None
     s2 = 1.0  # guess of |b|/|a|
     nbytes = 0
+    before = reader.bytes_mapped
     delta = task.delta  # D = b - a: one accumulator, no guess, no normalisation
     for i in range(n_layers - 1):
         ps = acc.zeros()
@@ -513,7 +515,7 @@ def run_task(task: RankTask, seg: Segment, reader: Reader, threads: int = 1,
         carry = p0
         del p0
     acc.close()
-    return TaskResult(norms, dots, stats, nbytes)
+    return TaskResult(norms, dots, stats, nbytes, reader.bytes_mapped - before)
 
 
 def _delta_stats(task: RankTask, acc: Any, g: np.ndarray, total: float, threads: int) -> dict[str, Any] | None:
@@ -552,10 +554,10 @@ def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = 
         for si in rp.segments
     }
     ranks: dict[tuple[int, int, int], dict[str, Any]] = {}
-    decoded = 0
+    decoded = mapped = 0
 
     def collect(i: int, res: TaskResult) -> None:
-        nonlocal decoded
+        nonlocal decoded, mapped
         t = rp.tasks[i]
         totals[t.seg][0][t.part] = res.norms
         totals[t.seg][1][t.part] = res.dots
@@ -563,6 +565,7 @@ def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = 
             if st is not None:
                 ranks[(t.seg, t.part, j)] = st
         decoded += res.nbytes
+        mapped += res.mapped
 
     if rp.pooled:
         for i, res in pool.run(_pool_run, rp.pooled, rp.jobs, pool.init_state, ((plan.segments, rp.tasks),)):
@@ -582,6 +585,7 @@ def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = 
     info = {
         "rank_seconds": time.perf_counter() - started,
         "rank_bytes_decoded": decoded,
+        "rank_bytes_mapped": mapped,
     }
     return totals, ranks, info
 

@@ -24,6 +24,12 @@ from .select import choose_table, main_stack, model_types, text_config
 _LAYER_NAME = re.compile(r"^(?P<stack>.+?)\.(?P<layer>0|[1-9]\d{0,8})\.(?P<rest>.+)$")
 
 
+def split_name(name: str) -> tuple[str, int, str] | None:
+    """`model.layers.3.mlp.up_proj.weight` -> ("model.layers", 3, "mlp.up_proj.weight"); None: not a layer tensor."""
+    m = _LAYER_NAME.match(name)
+    return (m.group("stack"), int(m.group("layer")), m.group("rest")) if m else None
+
+
 def _positive(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
@@ -49,23 +55,42 @@ def _quant_block(config: dict[str, Any]) -> Any:
     return q.get("weight_block_size") if isinstance(q, dict) else None
 
 
+def _has_head(cls: str) -> bool:
+    """A model class with an output head: `*For...` or `*LMHeadModel`, not a bare `*Model` base class."""
+    return not cls.endswith("Model") or cls.endswith("LMHeadModel")
+
+
 def _tied(common: Common, config: dict[str, Any] | None, nonlayer: list[TensorInfo]) -> dict[str, Any]:
-    cfg = text_config(config)
-    flag = cfg.get("tie_word_embeddings") if config is not None else None
+    """Whether the output head reuses the input embedding. Tied only when the config says
+    tie_word_embeddings=true and its model class has a head: an encoder or base model stores
+    no head and has nothing to tie, whatever the flag (BERT's config says true)."""
+    flag = text_config(config).get("tie_word_embeddings") if config is not None else None
+    archs = (config or {}).get("architectures")
+    classes = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    head_class = next((c for c in classes if _has_head(c)), None)
     names = [t.name for t in nonlayer]
     head = next((n for n in names if n.endswith(common.output_heads)), None)
     embed = next((n for n in names if n.endswith(common.input_embeddings)), None)
-    tied = bool(flag) if isinstance(flag, bool) else (head is None and embed is not None)
+    tied = flag is True and head_class is not None
     if tied:
-        why = "config tie_word_embeddings=true" if flag is True else "no output head stored"
-        note = f"tied: the output head reuses {embed or 'the input embedding'} ({why})"
+        note = (f"tied: the output head of {head_class} reuses {embed or 'the input embedding'} "
+                "(from config.json: tie_word_embeddings=true and architectures names a class with a head)")
         if head is not None:
             note += f"; {head} is stored too"
     elif head is not None:
-        note = f"untied: output head {head}"
+        note = f"untied: output head {head} is stored (matched by name)"
     else:
-        note = "no output head stored"
-    return {"tied": tied, "config": flag, "output_head": head, "input_embedding": embed, "note": note}
+        none = f"no output head stored (nothing to tie): no tensor named *{', *'.join(common.output_heads)}"
+        if flag is True and classes:
+            note = f"{none}; {', '.join(classes)} is a base model class without one, whatever tie_word_embeddings says"
+        elif flag is True:
+            note = f"{none}; config tie_word_embeddings=true, but config.json names no model class (architectures)"
+        elif isinstance(flag, bool):
+            note = f"{none}; config tie_word_embeddings=false"
+        else:
+            note = f"{none}; {'config.json has no tie_word_embeddings' if config is not None else 'no config.json'}"
+    return {"tied": tied, "config": flag, "architectures": classes, "head_class": head_class, "output_head": head,
+            "input_embedding": embed, "note": note}
 
 
 def build_layout(index: TensorIndex, config: dict[str, Any] | None = None, archs: Registry | None = None) -> Layout:
@@ -76,11 +101,11 @@ def build_layout(index: TensorIndex, config: dict[str, Any] | None = None, archs
     grouped: dict[str, dict[int, dict[str, TensorInfo]]] = {}
     nonlayer: list[TensorInfo] = []
     for name, info in index.tensors.items():
-        m = _LAYER_NAME.match(name)
-        if m is None:
+        where = split_name(name)
+        if where is None:
             nonlayer.append(info)
             continue
-        grouped.setdefault(m.group("stack"), {}).setdefault(int(m.group("layer")), {})[m.group("rest")] = info
+        grouped.setdefault(where[0], {}).setdefault(where[1], {})[where[2]] = info
     nonlayer.sort(key=lambda t: t.name)
     notes: list[str] = []
     chosen: dict[str, tuple[Arch | None, TableMatch]] = {}

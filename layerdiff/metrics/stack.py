@@ -44,8 +44,10 @@ def _part_shape(seg: Any, part: Any) -> tuple[int, ...] | None:
 
 
 def stack_result(name: str, layout: Layout, plan: Plan, totals: Totals,
-                 ranks: dict[tuple[int, int, int], dict[str, Any]] | None = None) -> StackResult:
-    """One stack's typed result from the passes' sums (and the rank pass's spectra)."""
+                 ranks: dict[tuple[int, int, int], dict[str, Any]] | None = None, pca_biases: bool = False
+                 ) -> StackResult:
+    """One stack's typed result from the passes' sums (and the rank pass's spectra); the scale
+    track's PCA over matrices and norms, and biases too with `pca_biases`."""
     norm: dict[str, dict[int, float | None]] = {}
     cos: dict[str, dict[int, float]] = {}
     spec: dict[str, dict[int, dict[str, Any]]] = {}  # residual spectra, from the rank pass
@@ -98,8 +100,9 @@ def stack_result(name: str, layout: Layout, plan: Plan, totals: Totals,
                  for f in fams if any(f in p.families for p in pairs)}
     raws = {i.raw for i in info.values()}
     # The PCA over matrices and norms: biases' scales follow other schedules (left out, and said).
-    pca = scale_pca({f: v for f, v in scales.items() if not f.endswith(".bias")}, drop_null=True)
-    pca["left_out_biases"] = [f for f in scales if f.endswith(".bias")]
+    left = [] if pca_biases else [f for f in scales if f.endswith(".bias")]
+    pca = scale_pca({f: v for f, v in scales.items() if f not in left}, drop_null=True)
+    pca["left_out_biases"] = left
     return StackResult(name, layers, {f: info[f] for f in fams}, [u for u in stack.unmapped if u in raws], pairs,
                        summaries, scales, pca, skipped)
 

@@ -7,6 +7,7 @@ from typing import Any
 from ..checkpoint.index import TensorIndex, grid
 from ..checkpoint.sources import Source
 from ..layout import Layout, aggregate_raw, family_order
+from ..layout.build import split_name
 from .escape import lines as text_lines
 
 
@@ -37,6 +38,42 @@ def _ranges(m: Any) -> str | None:
     if m.cols is not None:
         out.append(f"cols {m.cols[0]}:{m.cols[1]}")
     return " ".join(out) or None
+
+
+def _tensors(index: TensorIndex, layout: Layout) -> list[dict[str, Any]]:
+    """Every stored tensor: where its bytes are (the header's data_offsets, and absolute in the
+    file) and what it maps to (stack, layer, the families and parts it holds; why none)."""
+    data_start = {s.path: s.data_start for s in index.shards}
+    mapped: dict[str, tuple[str, int, list[dict[str, Any]]]] = {}
+    scales: dict[str, tuple[str, int, str]] = {}
+    for name, st in layout.stacks.items():
+        for fam, members in st.families.items():
+            for m in members:
+                mapped.setdefault(m.tensor.name, (name, m.layer, []))[2].append(
+                    {"family": fam, "part": _ranges(m), "unmapped": fam in st.unmapped})
+                if m.scale is not None:
+                    scales[m.scale.name] = (name, m.layer, f"dequantisation scale of {m.tensor.name}")
+    out = []
+    for t in sorted(index.tensors.values(), key=lambda t: t.name):
+        begin = t.start - data_start[t.file]
+        stack, layer, fams, why = None, None, [], None
+        if t.name in mapped:
+            stack, layer, fams = mapped[t.name]
+            why = None if t.is_float else f"{t.dtype} is not a floating-point dtype"
+        elif t.name in scales:
+            stack, layer, why = scales[t.name]
+        elif (where := split_name(t.name)) is not None:
+            stack = next((s for s in layout.stacks if s.split("[")[0] == where[0] and where[1] in layout.stacks[s].layers),
+                         where[0])
+            layer, st = where[1], layout.stacks.get(stack)
+            refused = st.refused.get(where[2]) if st else None
+            why = (st.consumed.get(where[2]) if st else None) or (f"refused: {refused.format}" if refused else None)
+        else:
+            why = "not a layer tensor"
+        out.append({"name": t.name, "file": str(t.file), "dtype": t.dtype, "shape": list(t.shape),
+                    "data_offsets": [begin, begin + t.nbytes], "file_offsets": [t.start, t.start + t.nbytes],
+                    "stack": stack, "layer": layer, "families": fams, "not_analysed": why})
+    return out
 
 
 def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str, Any]:
@@ -92,7 +129,9 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
         "nonlayer": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.nbytes} for t in layout.nonlayer],
         "embeddings": layout.tied,
         "notes": layout.notes,
+        "tensors": _tensors(index, layout),
         "total_params": index.total_params,
+        "not_params": index.not_params(),
         "total_bytes": index.total_bytes,
     }
 
@@ -161,5 +200,9 @@ def inspect_text(doc: dict[str, Any]) -> str:
     out.append(f"non-layer tensors: {len(doc['nonlayer'])}")
     for t in doc["nonlayer"]:
         out.append(f"  {t['name']}  {t['shape']} {t['dtype']}  {_human(t['bytes'])}")
-    out.append(f"total: {doc['total_params']:,} parameters, {_human(doc['total_bytes'])}")
+    left = doc.get("not_params") or {}
+    out.append(f"total: {doc['total_params']:,} parameters (floating-point tensors), {_human(doc['total_bytes'])}")
+    if left:
+        each = ", ".join(f"{d['tensors']} {dt} tensors ({d['elements']:,} elements)" for dt, d in left.items())
+        out.append(f"  not counted as parameters (not floating point): {each}")
     return text_lines(out)  # names from the file: control characters escaped

@@ -1,11 +1,15 @@
-"""Trajectories across depth, from a scan result: four panels in one image.
+"""Trajectories across depth, from a scan result: one image that drops nothing silently.
 
-  cos-sim per family (null references 0 and 1 dashed) | residual effective rank per family
-  scale track |W|_F per family (log y)                | PCA of the log scale track (explained variance)
+  cos-sim per family:  matrices | norms | biases   (null references 0 and 1 dashed)
+  scale track |W|_F:   matrices | norms | biases   (log y)
+  residual effective rank (matrices)  | PCA of the log scale track (explained variance)
 
-One colour per family in every panel; 1-D families (norm weights, biases) are
-drawn dashed. matplotlib is an optional extra (`pip install 'layerdiff[plot]'`)
-and is imported only here, with the Agg canvas (no display, no pyplot state).
+Each kind of family has its own panels (a norm's cosine near 1 would flatten the
+matrices' near 0). Every family keeps one style in every panel, a colour and a
+marker (and a line style per ten colours), so 70 lines stay distinguishable;
+per-expert families give way to their all-experts aggregate when there are many,
+and whatever is not drawn is named on the figure. matplotlib is an optional extra
+(`pip install 'layerdiff[plot]'`), imported only here, with the Agg canvas.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +28,11 @@ from .heatmaps import diff_figure, matrix_count, scan_heatmaps
 
 FORMATS = {".png": "png", ".svg": "svg"}
 EXPERT = re.compile(r"(^|\.)experts\.\d+\.")  # a per-expert family (its aggregate has no number)
-MAX_FAMILIES = 16  # more lines than this are unreadable: per-expert families give way to their aggregate
+MAX_FAMILIES = 16  # more lines than this: per-expert families give way to their aggregate
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 markers x 10 colours: 70 distinct styles
+LINESTYLES = ("-", "--", "-.", ":")
+MAX_LINES = len(MARKERS) * 10  # lines per panel before styles repeat: the rest are named, not drawn
+KINDS = ("matrices", "norms", "biases")
 
 
 MISSING = "matplotlib is not installed: pip install 'layerdiff[plot]'"
@@ -61,46 +70,93 @@ def _stack(result: ScanResult, stack: str | None) -> tuple[str, StackResult]:
     return name, stacks[name]
 
 
-def _families(st: StackResult) -> tuple[list[str], int]:
-    """Families to draw, in the result's order; per-expert families give way to
-    their all-experts aggregate when there are too many lines."""
+def _families(st: StackResult) -> tuple[dict[str, list[str]], list[str]]:
+    """Per kind, the families to draw, in the result's order, and those left out: per-expert
+    families give way to their all-experts aggregate when there are many; past MAX_LINES in
+    a panel, styles would repeat."""
     fams = list(st.families)
-    if len(fams) <= MAX_FAMILIES:
-        return fams, 0
-    aggregates = [f for f in fams if st.families[f].experts is not None]
-    members = {f for f in fams if EXPERT.search(f)} if aggregates else set()
-    keep = [f for f in fams if f not in members][:MAX_FAMILIES]
-    return keep, len(fams) - len(keep)
+    if len(fams) > MAX_FAMILIES and any(st.families[f].experts is not None for f in fams):
+        fams = [f for f in fams if not EXPERT.search(f)]
+    by_kind = {k: [f for f in fams if kind(st, f) == k][:MAX_LINES] for k in KINDS}
+    drawn = {f for v in by_kind.values() for f in v}
+    return by_kind, [f for f in st.families if f not in drawn]
 
 
-def _is_matrix(st: StackResult, fam: str) -> bool:
-    return len(st.families[fam].shape) >= 2
+def kind(st: StackResult, fam: str) -> str:
+    """matrices (2-D and up), norms (other 1-D weights) or biases."""
+    return "biases" if fam.endswith(".bias") else "matrices" if len(st.families[fam].shape) >= 2 else "norms"
+
+
+def family_styles(fams: list[str]) -> dict[str, dict[str, Any]]:
+    """One style per family of a panel: (colour, marker) pairs are distinct for the first
+    MAX_LINES families; the line style changes every ten for a second cue."""
+    colors = family_colors(10)
+    return {f: {"color": colors[i % 10], "marker": MARKERS[i % len(MARKERS)],
+                "linestyle": LINESTYLES[(i // 10) % len(LINESTYLES)]} for i, f in enumerate(fams)}
+
+
+def _left_out_names(names: list[str]) -> str:
+    """Names not drawn, per-expert ones collapsed to `experts.{E}.x (N experts)`."""
+    groups: dict[str, int] = {}
+    for f in names:
+        key = EXPERT.sub(lambda m: f"{m.group(1)}experts.{{E}}.", f)
+        groups[key] = groups.get(key, 0) + 1
+    return ", ".join(k if "{E}" not in k else f"{k} ({n} experts)" for k, n in groups.items())
+
+
+def _title(result: ScanResult, name: str, st: StackResult) -> str:
+    """Where the weights are (the resolved path, and the repo and revision) and what named them."""
+    src = result.source or {}
+    where = str(src.get("root") or result.model or "model")
+    if src.get("repo_id"):
+        where = f"{src['repo_id']}@{src.get('revision')} ({where})"
+    elif result.model and result.model != where:
+        where = f"{result.model} ({where})"
+    labels = result.labels or {}
+    per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
+    named = per.get(name, {}).get("label") if isinstance(per.get(name), dict) else None
+    arch = f"model_type {labels.get('model_type') or 'unknown'}; names: {named or result.architecture or 'raw'}"
+    title = f"{where} \u2014 stack {name} ({len(st.layers)} layers) \u2014 {arch}"
+    return title.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
 
 
 def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -> Any:
-    """The 2x2 figure (a matplotlib Figure, not attached to any window), with heatmaps
-    below when the result has all-pairs matrices or gram_cos."""
+    """The figure (a matplotlib Figure, not attached to any window), with heatmaps below
+    when the result has all-pairs matrices or gram_cos."""
     if isinstance(result, dict):
         result = ScanResult.from_dict(result)
     require_matplotlib()
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     name, st = _stack(result, stack)
-    fams, hidden = _families(st)
+    by_kind, left_out = _families(st)
+    styles = {f: style for k in KINDS for f, style in family_styles(by_kind[k]).items()}  # per kind: its panels
+    kinds = [k for k in KINDS if by_kind[k]]
     pairs = st.pairs
     xs = [pr.L for pr in pairs]
-    colors = family_colors(len(fams))
+    most = max((len(v) for v in by_kind.values()), default=0)
+    width = 6.5 * max(len(kinds), 2) + 1.2 * max(1, math.ceil(most / 22))
     extras = bool(st.all_pairs) or any(s.get("gram_cos") is not None for pr in pairs for s in pr.families.values())
-    if extras:  # --all-pairs / --gram: heatmaps below the four panels, in the same image
+    if extras:  # --all-pairs / --gram: heatmaps below, in the same image
         low = max(4, len(st.families) * 0.18) + 2.3 * matrix_count(st)
-        fig = Figure(figsize=(16, 9.5 + low), layout="constrained")
-        main, below = fig.subfigures(2, 1, height_ratios=[9.5, low])
+        fig = Figure(figsize=(width, 13 + low), layout="constrained")
+        main, below = fig.subfigures(2, 1, height_ratios=[13, low])
         scan_heatmaps(below, st)
     else:
-        fig = main = Figure(figsize=(14, 9.5), layout="constrained")
-    ax_cos, ax_rank, ax_scale, ax_pca = main.subplots(2, 2).ravel()
+        fig = main = Figure(figsize=(width, 13), layout="constrained")
+    # A column per kind, wider by its legend's columns (22 names each); rank and PCA below.
+    legend_cols = {k: max(1, math.ceil(len(by_kind[k]) / 22)) for k in kinds}
+    top, bottom = main.subfigures(2, 1, height_ratios=[2, 1])
+    grid = top.add_gridspec(2, len(kinds), width_ratios=[1 + 0.3 * legend_cols[k] for k in kinds])
+    ax_cos = {k: top.add_subplot(grid[0, i]) for i, k in enumerate(kinds)}
+    ax_scale = {k: top.add_subplot(grid[1, i]) for i, k in enumerate(kinds)}
+    ax_rank, ax_pca = bottom.subplots(1, 2)
+    for k in kinds:
+        ax_cos[k].set_label(f"cos:{k}")
+        ax_scale[k].set_label(f"scale:{k}")
+    ax_rank.set_label("rank")
+    ax_pca.set_label("pca")
 
     def series(fam: str, key: str) -> list[float]:
         out = []
@@ -110,40 +166,59 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
             out.append(float("nan") if v is None else float(v))
         return out
 
-    # 1. cosine per family
-    ax_cos.axhline(1.0, color="0.35", linestyle="--", linewidth=1.0, label="_null: identical up to scale (1)")
-    ax_cos.axhline(0.0, color="0.35", linestyle=":", linewidth=1.0, label="_null: orthogonal (0)")
-    for fam, c in zip(fams, colors):
-        y = series(fam, "cos")
-        if any(not math.isnan(v) for v in y):
-            ax_cos.plot(xs, y, marker="o", markersize=3, color=c, label=fam,
-                        linestyle="-" if _is_matrix(st, fam) else "--")
-    ax_cos.set_title("Adjacent-layer cosine similarity (dashed: 1 = same up to scale, dotted: 0 = orthogonal)",
-                     fontsize=9)
-    ax_cos.set_xlabel("layer pair L \u2192 L+1")
-    ax_cos.set_ylabel("cos(W_L, W_L+1)")
-    lo = min([0.0] + [v for fam in fams for v in series(fam, "cos") if not math.isnan(v)])
-    ax_cos.set_ylim(min(-0.05, lo - 0.05), 1.05)
+    def draw(ax: Any, x: list[int], y: list[float], fam: str) -> bool:
+        if not any(not math.isnan(v) for v in y):
+            return False
+        ax.plot(x, y, markersize=4, linewidth=1.2, label=fam, **styles[fam])
+        return True
 
-    # 2. residual effective rank per family
-    ranked = [(f, c) for f, c in zip(fams, colors) if any(not math.isnan(v) for v in series(f, "resid_eff_rank"))]
-    if ranked:
+    no_cos: list[str] = []
+    for k in kinds:
+        ax = ax_cos[k]
+        ax.axhline(1.0, color="0.35", linestyle="--", linewidth=1.0, label="_null: identical up to scale (1)")
+        ax.axhline(0.0, color="0.35", linestyle=":", linewidth=1.0, label="_null: orthogonal (0)")
         values = []
-        for fam, c in ranked:
-            y = series(fam, "resid_eff_rank")
-            values += [v for v in y if not math.isnan(v) and v > 0]
-            ax_rank.plot(xs, y, marker="o", markersize=3, color=c, label=fam)
+        for fam in by_kind[k]:
+            y = series(fam, "cos")
+            if not draw(ax, xs, y, fam):
+                no_cos.append(fam)
+            values += [v for v in y if not math.isnan(v)]
+        ax.set_ylim(min(-0.05, min(values, default=0.0) - 0.05), 1.05)
+        ax.set_title(f"Adjacent-layer cosine: {k} ({len(by_kind[k])} families)\n"
+                     "dashed: 1 = same up to scale; dotted: 0 = orthogonal", fontsize=9)
+        ax.set_xlabel("layer pair L \u2192 L+1")
+        ax.set_ylabel("cos(W_L, W_L+1)")
+
+        ax = ax_scale[k]
+        for fam in by_kind[k]:
+            y = [float("nan") if v is None or v <= 0 else float(v) for v in st.scales.get(fam, [])]
+            draw(ax, st.layers[: len(y)], y, fam)
+        # One legend per kind: every family drawn in either of its panels, in the result's order.
+        drawn = {ln.get_label(): ln for a in (ax_scale[k], ax_cos[k]) for ln in a.get_lines()}
+        shown = [f for f in by_kind[k] if f in drawn]
+        ax_cos[k].legend([drawn[f] for f in shown], shown, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+                         ncol=legend_cols[k], title=k, title_fontsize=8, borderaxespad=0.0)
+        ax.set_yscale("log")
+        ax.set_title(f"Scale track: Frobenius norm of the {k}\nacross layers (log scale)", fontsize=9)
+        ax.set_xlabel("layer L")
+        ax.set_ylabel("||W_L||_F")
+
+    ranked = [f for f in by_kind.get("matrices", []) if draw(ax_rank, xs, series(f, "resid_eff_rank"), f)]
+    if ranked:
+        values = [v for f in ranked for v in series(f, "resid_eff_rank") if not math.isnan(v) and v > 0]
+        any_bounds = False
+        for fam in ranked:
             bounds = [_get(pr, fam, "resid_rank_bounds") for pr in pairs]
             if any(bounds):
+                any_bounds = True
                 lo_b = [b["eff_rank"][0] if b else float("nan") for b in bounds]
                 hi_b = [b["eff_rank"][1] if b else float("nan") for b in bounds]
-                ax_rank.fill_between(xs, lo_b, hi_b, color=c, alpha=0.15, linewidth=0)
+                ax_rank.fill_between(xs, lo_b, hi_b, color=styles[fam]["color"], alpha=0.15, linewidth=0)
                 values += [v for v in lo_b + hi_b if not math.isnan(v) and v > 0]
         if values and max(values) / max(min(values), 1e-300) > 20:
             ax_rank.set_yscale("log")
-        any_bounds = any(_get(pr, f, "resid_rank_bounds") for f, _ in ranked for pr in pairs)
-        ax_rank.set_title("Residual effective rank exp(H), H = spectral entropy of W_L+1/|W_L+1| - W_L/|W_L|"
-                          + (" (bands: sketch bounds)" if any_bounds else ""), fontsize=9)
+        ax_rank.set_title("Residual effective rank exp(H) of the matrices, H = spectral entropy of W_L+1/|W_L+1| - "
+                          "W_L/|W_L|" + (" (bands: sketch bounds)" if any_bounds else ""), fontsize=9)
     else:
         ax_rank.text(0.5, 0.5, "residual spectra not computed\n(run: layerdiff scan MODEL --rank)",
                      ha="center", va="center", transform=ax_rank.transAxes, fontsize=11, color="0.4")
@@ -151,19 +226,6 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
     ax_rank.set_xlabel("layer pair L \u2192 L+1")
     ax_rank.set_ylabel("effective rank of the residual")
 
-    # 3. scale track
-    layers = st.layers
-    for fam, c in zip(fams, colors):
-        y = [float("nan") if v is None or v <= 0 else float(v) for v in st.scales.get(fam, [])]
-        if y and any(not math.isnan(v) for v in y):
-            ax_scale.plot(layers[: len(y)], y, marker="o", markersize=3, color=c, label=fam,
-                          linestyle="-" if _is_matrix(st, fam) else "--")
-    ax_scale.set_yscale("log")
-    ax_scale.set_title("Scale track: Frobenius norm per family across layers (log scale)", fontsize=9)
-    ax_scale.set_xlabel("layer L")
-    ax_scale.set_ylabel("||W_L||_F")
-
-    # 4. PCA of the log scale track
     pca = st.pca
     explained = [100.0 * float(v) for v in pca.get("explained", [])]
     if explained:
@@ -176,46 +238,33 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
     else:
         ax_pca.text(0.5, 0.5, "no PCA (fewer than one complete family)", ha="center", va="center",
                     transform=ax_pca.transAxes, color="0.4")
-    used = pca.get("fam_used", [])
-    ax_pca.set_title(f"PCA of the log scale track over {len(used)} families: explained variance per mode", fontsize=9)
+    over = f"over {len(pca.get('fam_used', []))} families"
+    if pca.get("left_out_biases"):
+        over += f" (matrices and norms; {len(pca['left_out_biases'])} biases left out)"
+    if pca.get("left_out_zero_norm"):
+        over += f"; left out, a zero norm: {', '.join(pca['left_out_zero_norm'])}"
+    ax_pca.set_title(f"PCA of the log scale track {over}: explained variance per mode", fontsize=9)
     ax_pca.set_xlabel("mode")
     ax_pca.set_ylabel("explained variance (%)")
 
-    for ax in (ax_cos, ax_rank, ax_scale):
+    for ax in [*ax_cos.values(), *ax_scale.values(), ax_rank]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(xs) == 1 and ax not in ax_scale.values():  # one pair: its layer number, not ticks of +-0.05
+            ax.set_xlim(xs[0] - 0.5, xs[0] + 0.5)
+            ax.set_xticks(xs)
         ax.grid(True, alpha=0.3)
     ax_pca.grid(True, axis="y", alpha=0.3)
-    # One legend entry per family drawn in any panel (a family with a single layer has no cosine).
-    drawn = {ln.get_label() for ax in (ax_cos, ax_rank, ax_scale) for ln in ax.get_lines()}
-    handles = [Line2D([], [], color=c, marker="o", markersize=3, linestyle="-" if _is_matrix(st, f) else "--")
-               for f, c in zip(fams, colors) if f in drawn]
-    labels = [f for f in fams if f in drawn]
-    if hidden:
-        labels = labels + [f"(+{hidden} more families not drawn)"]
-        handles = handles + [_blank(ax_cos)]
-    main.legend(handles, labels, loc="outside right center", fontsize=8, title="family", title_fontsize=9)
-    model = result.model or result.source.get("spec") or "model"
-    arch = _label(result, name)
-    model = model.encode("utf-8", "backslashreplace").decode("utf-8")  # a path that is not UTF-8
-    fig.suptitle(f"{model} \u2014 stack {name} ({len(layers)} layers{', ' + arch if arch else ''})", fontsize=12)
+    notes = []
+    if left_out:
+        notes.append(f"not drawn ({len(left_out)} families): {_left_out_names(left_out)}"
+                     + (" (per-expert families: drawn as their all-experts aggregates)"
+                        if any(EXPERT.search(f) for f in left_out) else ""))
+    if no_cos:
+        notes.append(f"no adjacent-layer cosine (scale track only): {', '.join(no_cos)}")
+    if notes:
+        main.supxlabel("\n".join(textwrap.fill(n, 220) for n in notes), fontsize=8, color="0.25")
+    fig.suptitle(_title(result, name, st), fontsize=11)
     return fig
-
-
-def _label(result: ScanResult, stack: str) -> str | None:
-    """The config's model_type and the table that named the stack: never another architecture's name alone."""
-    labels = result.labels
-    per = labels.get("stacks") if isinstance(labels.get("stacks"), dict) else {}
-    table = per[stack].get("table") if isinstance(per.get(stack), dict) else result.architecture
-    model_type = labels.get("model_type")
-    if isinstance(model_type, str) and isinstance(table, str) and model_type != table:
-        return f"{model_type}, table {table}"
-    return table if isinstance(table, str) else None
-
-
-def _blank(ax: Any) -> Any:
-    from matplotlib.patches import Rectangle
-
-    return Rectangle((0, 0), 0, 0, fill=False, edgecolor="none", visible=False)
 
 
 def family_colors(n: int) -> list[Any]:

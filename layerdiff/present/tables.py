@@ -100,7 +100,10 @@ def stack_tables(st: StackResult) -> list[str]:
         out += textwrap.wrap(f"mode {i + 1:>2}: {share * 100:>6.2f}% (loadings per family: {loads})", WIDTH - 4,
                              initial_indent="    ", subsequent_indent="               ")
     if pca.get("left_out_biases"):
-        out.append(f"  over matrices and norms; biases left out: {len(pca['left_out_biases'])} families")
+        out.append(f"  over matrices and norms; biases left out: {len(pca['left_out_biases'])} families "
+                   "(--pca-biases includes them)")
+    elif any(f.endswith(".bias") for f in pca["fam_used"]):
+        out.append("  over matrices, norms and biases (--pca-biases)")
     if pca["left_out_zero_norm"]:
         out.append(f"  left out (a zero norm in some layer): {', '.join(pca['left_out_zero_norm'])}")
     return out

@@ -58,6 +58,8 @@ def scan_settings(options: ScanOptions) -> dict[str, Any]:
     """The options that change a scan's numbers: all but the workers and the budget
     (which decides only where an approximate rank is exact, so it counts there)."""
     d = {k: v for k, v in asdict(options).items() if k not in ("max_memory", "jobs")}
+    if not options.pca_biases:  # the default: left out, so results stored before the option keep their names
+        del d["pca_biases"]
     if options.rank in ("auto", "sketch"):
         d["max_memory"] = options.max_memory
     return d
