@@ -171,6 +171,51 @@ def test_many_blocks_both_sides_numpy_fallback_and_workers(tmp_path, rng, monkey
         assert (S.blas_syrk() is not None, S.lapack_eigvalsh() is not None) == (direct, direct)
 
 
+U64 = np.finfo(np.float64).eps / 2
+
+
+def float64_bound(m: int, d: int, elems: int, resid: float) -> float:
+    """Worst case |delta lambda_i| / |D|_F^2 of the exact path, all in float64: the syrk sums
+    of m products (gamma_m |X|^T |X|, whose 2-norm is at most |X|_F^2), the eigensolver
+    (backward stable, ~2 d u |G|), X = b - s a rounded per element (8 u / |D|_F) and
+    s = |b|/|a| from sums of `elems` squares (2 gamma_elems / |D|_F)."""
+    return (m + 2 * d + (8 + 2 * elems) / resid) * U64
+
+
+def test_concurrent_tasks_match_float64_svd_within_the_bound(tmp_path, rng, monkeypatch):
+    # Several families at once on threads (one BLAS thread each), LAPACK's two-stage
+    # eigensolver, blocks across row and column boundaries; bf16 as stored.
+    tensors = qwen3_like(rng, layers=4, hidden=96, ff=224)
+    write_checkpoint(tmp_path, tensors)
+    monkeypatch.setattr(R, "BLOCK_BYTES", 8 * 224 * 7)
+    monkeypatch.setattr(R, "MIN_BLOCK_ROWS", 5)
+    monkeypatch.setattr(R, "ROW_CHUNK", 13)
+    layout = open_layout(tmp_path)
+    options = ScanOptions(rank="exact", max_memory=4 << 30, jobs=2)
+    plan = plan_scan(layout, options)
+    assert R.plan_rank(plan, options).concurrent == 2 and S.lapack_eigvalsh() is not None
+    result = scan(layout, options, plan=plan)
+    worst, checked = 0.0, 0
+    for pr in result["stacks"]["model.layers"]["pairs"]:
+        for fam, got in pr["families"].items():
+            if not fam.endswith("_proj"):
+                continue
+            where = "mlp" if fam in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            a, b = (tensors[f"model.layers.{L}.{where}.{fam}.weight"].astype(np.float64) for L in (pr["L"], pr["L"] + 1))
+            want = truth(a, b)  # numpy's float64 SVD of the explicit residual
+            lam = want["s"] ** 2
+            eps = float64_bound(max(a.shape), min(a.shape), a.size, math.sqrt(lam.sum()))
+            d_h = 2 * min(a.shape) * eps * (1 - math.log(spectra.SPEC_EPS))  # sum |dp_i| |1 + ln p_i|
+            sr = lam.sum() / lam.max()
+            assert abs(got["resid_spec_entropy"] - want["H"]) <= d_h
+            assert abs(got["resid_eff_rank"] / want["eff"] - 1) <= 1.01 * d_h
+            assert abs(got["resid_stable_rank"] / want["stable"] - 1) <= eps * (min(a.shape) + sr)
+            worst = max(worst, abs(got["resid_spec_entropy"] - want["H"]) / d_h)
+            checked += 1
+    assert checked == 3 * 7
+    assert worst < 1e-3, worst  # the bound is a worst case: the errors are far below it
+
+
 def test_cosines_and_scales_still_match_reference(tmp_path, rng):
     # With --rank the 2-D families' norms and cosines come from the rank pass.
     tensors = qwen3_like(rng, layers=5)
