@@ -251,14 +251,6 @@ def plan_rank(plan: Plan, options: ScanOptions, delta: bool = False) -> RankPlan
 # --- running -------------------------------------------------------------------
 
 
-@dataclass
-class TaskResult:
-    norms: np.ndarray  # |W_L|^2 for each layer of the run (zeros for a delta)
-    dots: np.ndarray  # <W_L, W_L+1>
-    stats: list[dict[str, Any] | None]  # per pair
-    nbytes: int  # bytes decoded
-
-
 def _decode_rows(reader: Reader, seg: Segment, i: int, r0: int, r1: int, spans: list[tuple[int, int]],
                  c0: int, c1: int, out: np.ndarray) -> None:
     """Rows `spans` (within [r0, r1)), columns [c0, c1) of layer i's tensor into `out`, as values."""
@@ -301,65 +293,60 @@ def pair_blocks(reader: Reader, seg: Segment, task: Any, ia: int, ib: int, bufa:
     yield from zip(layer_blocks(reader, seg, task, ia, bufa), layer_blocks(reader, seg, task, ib, bufb))
 
 
-def run_task(task: RankTask, seg: Segment, reader: Reader,
-             progress: Callable[[int], None] | None = None) -> TaskResult:
-    """Follow one family through its layers, pair by pair (see the module docstring).
-    BLAS threads are the caller's to set."""
-    n_layers = len(seg.layers)
-    norms = np.zeros(n_layers)
-    dots = np.zeros(n_layers - 1)
-    stats: list[dict[str, Any] | None] = [None] * (n_layers - 1)
-    itemsize = itemsize_of(seg)
+def _accumulator(task: RankTask) -> tuple[Any, int]:
+    """The task's accumulator, and the width of its decoded blocks."""
     if task.method == "gram":
-        acc: Any = SyrkGram(task.d, task.side)
-        width = task.n if task.side == "cols" else task.m
-    else:
-        acc = Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k)
-        width = task.n
-    bufa = np.empty(task.step * width)
-    bufb = np.empty(task.step * width)
-    for i in range(0 if task.delta else n_layers):  # the norms first (a delta needs none)
-        for x in layer_blocks(reader, seg, task, i, bufa):
+        return SyrkGram(task.d, task.side), task.n if task.side == "cols" else task.m
+    return Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k), task.n
+
+
+def task_norms(task: RankTask, seg: Segment, reader: Reader, progress: Callable[[int], None]) -> np.ndarray:
+    """|W_L|^2 of the part in every layer: float64 sums over the decoded blocks."""
+    norms = np.zeros(len(seg.layers))
+    buf = np.empty(task.step * _accumulator(task)[1])
+    for i in range(len(seg.layers)):
+        for x in layer_blocks(reader, seg, task, i, buf):
             norms[i] += float(np.dot(x.reshape(-1), x.reshape(-1)))
-            if progress is not None:
-                progress(x.size * itemsize)
-    for i in range(n_layers - 1):
-        na, nb = norms[i], norms[i + 1]
-        # X = b - s a: |b| D for the residual (s = |b|/|a|), D itself for a delta (s = 1).
-        if task.delta:
-            s, alpha = 1.0, 1.0
-        elif math.isfinite(na + nb) and math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
-            s, alpha = math.sqrt(nb / na), 1.0 / nb
-        else:
-            s = alpha = 0.0  # no spectrum: the cosine only
-        g = acc.zeros() if alpha else None
-        nab = ndd = 0.0
-        for xa, xb in pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
-            fa, fb = xa.reshape(-1), xb.reshape(-1)
-            nab += float(np.dot(fa, fb))
-            if g is not None:
-                np.multiply(xa, -s, out=xa)
-                xa += xb
-                acc.add(g, xa, alpha)
-                if task.delta:
-                    ndd += float(np.dot(fa, fa))
-            if progress is not None:
-                progress(2 * xa.size * itemsize)
-        dots[i] = nab
-        if g is None or not math.isfinite(nab):
-            continue
-        if task.delta:
-            stats[i] = _delta_stats(task, acc, g, ndd)
-        elif task.method == "gram":
-            stats[i] = exact_stats(eigvalsh(g)) | {"resid_rank_dim": task.d}
-        else:
-            total = max(2.0 - 2.0 * nab / math.sqrt(na * nb), 0.0)
-            mu, nu = nystrom_lower(g, acc.omega)
-            slack = nu + 64 * np.finfo(np.float64).eps * total
-            stats[i] = sketch_stats(mu, total, task.d, task.k, slack) | {"resid_rank_dim": task.d}
-        del g
-    acc.close()
-    return TaskResult(norms, dots, stats, task.m * task.n * itemsize * reads(task, n_layers))
+            progress(x.size * itemsize_of(seg))
+    return norms
+
+
+def run_pair(task: RankTask, seg: Segment, reader: Reader, i: int, na: float, nb: float,
+             progress: Callable[[int], None]) -> tuple[float, dict[str, Any] | None]:
+    """<a, b> and the spectrum of pair (i, i+1), from the squared norms na, nb (not
+    used for a delta); see the module docstring. BLAS threads are the caller's to set."""
+    # X = b - s a: |b| D for the residual (s = |b|/|a|), D itself for a delta (s = 1).
+    if task.delta:
+        s, alpha = 1.0, 1.0
+    elif math.isfinite(na + nb) and math.sqrt(na) >= EPS and math.sqrt(nb) >= EPS:
+        s, alpha = math.sqrt(nb / na), 1.0 / nb
+    else:
+        s = alpha = 0.0  # no spectrum: the cosine only
+    acc, width = _accumulator(task)
+    bufa, bufb = np.empty(task.step * width), np.empty(task.step * width)
+    g = acc.zeros() if alpha else None
+    nab = ndd = 0.0
+    for xa, xb in pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
+        fa, fb = xa.reshape(-1), xb.reshape(-1)
+        nab += float(np.dot(fa, fb))
+        if g is not None:
+            np.multiply(xa, -s, out=xa)
+            xa += xb
+            acc.add(g, xa, alpha)
+            if task.delta:
+                ndd += float(np.dot(fa, fa))
+        progress(2 * xa.size * itemsize_of(seg))
+    del bufa, bufb
+    if g is None or not math.isfinite(nab):
+        return nab, None
+    if task.delta:
+        return nab, _delta_stats(task, acc, g, ndd)
+    if task.method == "gram":
+        return nab, exact_stats(eigvalsh(g)) | {"resid_rank_dim": task.d}
+    total = max(2.0 - 2.0 * nab / math.sqrt(na * nb), 0.0)
+    mu, nu = nystrom_lower(g, acc.omega)
+    slack = nu + 64 * np.finfo(np.float64).eps * total
+    return nab, sketch_stats(mu, total, task.d, task.k, slack) | {"resid_rank_dim": task.d}
 
 
 def _delta_stats(task: RankTask, acc: Any, g: np.ndarray, total: float) -> dict[str, Any] | None:
@@ -376,48 +363,22 @@ def _delta_stats(task: RankTask, acc: Any, g: np.ndarray, total: float) -> dict[
 
 
 class _Stopped(Exception):
-    """Another in-process task failed, or the pass was interrupted."""
-
-
-def _run_all(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None) -> Iterator[tuple[int, TaskResult]]:
-    """The tasks, `rp.concurrent` at a time on threads with one BLAS thread each, or
-    one at a time with all `rp.threads`; each with its own Reader (in this process:
-    threads share its memory, which worker processes would each hold again)."""
-    from threadpoolctl import threadpool_limits
-
-    lock, stop = threading.Lock(), threading.Event()
-
-    def report(n: int) -> None:  # called per block: also where a task learns to stop
-        if stop.is_set():
-            raise _Stopped
-        if progress is not None:
-            with lock:
-                progress(n)
-
-    def one(i: int) -> tuple[int, TaskResult]:
-        t, reader = rp.tasks[i], Reader()
-        try:
-            with np.errstate(all="ignore"):  # inf/NaN weights: reported, not warned about
-                return i, run_task(t, plan.segments[t.seg], reader, report)
-        finally:
-            reader.close()
-
-    with threadpool_limits(1 if rp.concurrent > 1 else rp.threads), ThreadPoolExecutor(rp.concurrent) as ex:
-        futures = [ex.submit(one, i) for i in range(len(rp.tasks))]
-        try:
-            for fut in as_completed(futures):
-                yield fut.result()
-        finally:
-            stop.set()
-            for fut in futures:
-                fut.cancel()
+    """Another piece of the pass failed, or the pass was interrupted."""
 
 
 def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = None
              ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], dict[tuple[int, int, int], dict[str, Any]], dict[str, Any]]:
     """Run every task. Returns per segment (squared norms, dots) shaped like the
     chain pass's totals, the per-pair statistics keyed (segment, part, pair), and
-    run figures."""
+    run figures.
+
+    Work comes in pieces: every task's norms first, then its pairs, each pair on
+    its own (given the norms they are independent), the longest first, so that
+    `rp.concurrent` threads (one BLAS thread each; or one thread with all
+    `rp.threads`) stay busy to the end. Each piece has its own Reader: in this
+    process, threads share its memory, which worker processes would each hold again."""
+    from threadpoolctl import threadpool_limits
+
     started = time.perf_counter()
     totals = {
         si: (np.zeros((len(plan.segments[si].parts), len(plan.segments[si].layers))),
@@ -425,25 +386,49 @@ def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = 
         for si in rp.segments
     }
     ranks: dict[tuple[int, int, int], dict[str, Any]] = {}
-    decoded = 0
+    lock, stop = threading.Lock(), threading.Event()
 
-    def collect(i: int, res: TaskResult) -> None:
-        nonlocal decoded
-        t = rp.tasks[i]
-        totals[t.seg][0][t.part] = res.norms
-        totals[t.seg][1][t.part] = res.dots
-        for j, st in enumerate(res.stats):
+    def report(n: int) -> None:  # called per block: also where a piece learns to stop
+        if stop.is_set():
+            raise _Stopped
+        if progress is not None:
+            with lock:
+                progress(n)
+
+    def piece(i: int, j: int) -> tuple[int, int, Any]:
+        """Task i's norms (j < 0) or its pair j."""
+        t, reader = rp.tasks[i], Reader()
+        seg, norms = plan.segments[t.seg], totals[t.seg][0][t.part]
+        try:
+            with np.errstate(all="ignore"):  # inf/NaN weights: reported, not warned about
+                if j < 0:
+                    return i, j, task_norms(t, seg, reader, report)
+                return i, j, run_pair(t, seg, reader, j, norms[j], norms[j + 1], report)
+        finally:
+            reader.close()
+
+    def run(ex: ThreadPoolExecutor, pieces: list[tuple[int, int]]) -> Iterator[tuple[int, int, Any]]:
+        futures = [ex.submit(piece, i, j) for i, j in pieces]
+        try:
+            for fut in as_completed(futures):
+                yield fut.result()
+        except BaseException:
+            stop.set()
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    layers = [len(plan.segments[t.seg].layers) for t in rp.tasks]
+    with threadpool_limits(1 if rp.concurrent > 1 else rp.threads), ThreadPoolExecutor(rp.concurrent) as ex:
+        for i, _, norms in run(ex, [(i, -1) for i, t in enumerate(rp.tasks) if not t.delta]):
+            totals[rp.tasks[i].seg][0][rp.tasks[i].part] = norms
+        for i, j, (dot, st) in run(ex, [(i, j) for i in range(len(rp.tasks)) for j in range(layers[i] - 1)]):
+            t = rp.tasks[i]
+            totals[t.seg][1][t.part][j] = dot
             if st is not None:
                 ranks[(t.seg, t.part, j)] = st
-        decoded += res.nbytes
-
-    for i, res in _run_all(plan, rp, progress):
-        collect(i, res)
-    info = {
-        "rank_seconds": time.perf_counter() - started,
-        "rank_bytes_decoded": decoded,
-    }
-    return totals, ranks, info
+    decoded = sum(t.m * t.n * itemsize_of(plan.segments[t.seg]) * reads(t, n) for t, n in zip(rp.tasks, layers))
+    return totals, ranks, {"rank_seconds": time.perf_counter() - started, "rank_bytes_decoded": decoded}
 
 
 def describe(rp: RankPlan) -> dict[str, Any]:
