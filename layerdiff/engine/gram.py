@@ -27,12 +27,13 @@ nearly equal up to scale (1e-8 on the entropy at cos = 1 - 1e-9 in the
 tests). Every layer is read three times: for its norm, as b, as a; the norms
 and <a, b> are float64 sums, so the rank pass also gives the cosines and the
 scale track of the families it covers, and those families skip the default
-chain pass. Tasks that fit in this process run there, as many at once as
-there are cores and memory, each on its own thread with one BLAS thread (the
-BLAS and kernel calls release the GIL; one BLAS thread per task loses no
-flops to synchronisation, and keeps its speed when other work shares the
-machine); one task alone gets all cores' BLAS threads. Threads rather than
-worker processes: each process would hold its own base memory again.
+chain pass. The pass runs in this process, in pieces (a family's norms, then
+each of its pairs), as many at once as there are cores and memory for the
+largest, each on its own thread with one BLAS thread (the BLAS and kernel
+calls release the GIL; one BLAS thread per piece loses no flops to
+synchronisation, and keeps its speed when other work shares the machine);
+one piece at a time gets all cores' BLAS threads. Threads rather than worker
+processes: each process would hold its own base memory again.
 
 Memory: one d x d float64 matrix per task (d = 2560: 52 MB), planned
 against --max-memory up front. When it does not fit, `--rank-approx` switches
