@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nlayerdiff scan --rank: {r.wall:.1f} s wall (rank pass {doc['run']['rank_seconds']:.1f} s), "
           f"peak tree RSS {_proc.fmt_mib(r.peak_tree_rss)} MiB of a {budget >> 20} MiB budget "
           f"({'within' if ok_mem else 'OVER'}); {rank['families']} families x {len(pairs)} pairs exact, "
-          f"{rank['in_process']} in-process (BLAS threads {rank['blas_threads_in_process']}), "
-          f"{len(pairs) * (rank['families'] - rank['in_process'])} pairs in {rank['workers']} worker(s)")
+          f"{rank['tasks_at_once']} at once ({rank['blas_threads_per_task']} BLAS thread(s) each); "
+          f"load average {os.getloadavg()[0]:.2f}")
 
     # (b) the SVD route
     timed = pairs if a.svd_pairs <= 0 else pairs[: a.svd_pairs]

@@ -88,7 +88,7 @@ def rank_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                            "with guaranteed error bounds instead of an error.")(fn)
     return click.option("--rank", is_flag=True,
                         help="Also the spectrum of each residual: spectral entropy, effective and stable rank "
-                             "(exact; reads each 2-D tensor twice).")(fn)
+                             "(exact; reads each 2-D tensor three times).")(fn)
 
 
 def rank_mode(rank: bool, rank_approx: bool, sketch: int) -> str | None:

@@ -220,12 +220,14 @@ def test_bytes_mapped_adds_the_rank_and_gram_passes(tmp_path, flags):
     assert run_cli("scan", str(HF / "bert"), "--quiet", "--out", str(out), *flags).returncode == 0
     run = json.loads(out.read_text())["run"]
     one, two = layer_bytes(HF / "bert", "encoder.layer.")
-    pairs = sum(2 * (len(v) - 1) * v[0] for v in two.values())  # each pair reads both layers: a second pass
-    chain = one if "--rank" in flags else one + sum(sum(v) for v in two.values())  # --rank takes the 2-D chain
-    want = chain + pairs * len(flags)
-    assert run["bytes_analysed"] == one + sum(sum(v) for v in two.values())
+    pairs = sum(2 * (len(v) - 1) * v[0] for v in two.values())  # each pair reads both layers
+    matrices = sum(sum(v) for v in two.values())
+    rank = matrices + pairs  # --rank: a norm pass over every layer, then each pair
+    chain = one if "--rank" in flags else one + matrices  # --rank takes the 2-D chain
+    want = chain + (rank if "--rank" in flags else 0) + (pairs if "--gram" in flags else 0)
+    assert run["bytes_analysed"] == one + matrices
     assert run["bytes_mapped"] == want == sum(run["bytes_mapped_by_pass"].values())
-    assert run["bytes_mapped_by_pass"].get("rank", 0) == (pairs if "--rank" in flags else 0)
+    assert run["bytes_mapped_by_pass"].get("rank", 0) == (rank if "--rank" in flags else 0)
     assert run["bytes_mapped_by_pass"].get("gram", 0) == (pairs if "--gram" in flags else 0)
 
 

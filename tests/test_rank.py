@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from test_scan import assert_matches_reference
 
 import layerdiff.engine.gram as R
+import layerdiff.engine.syrk as S
 import layerdiff.metrics.spectra as spectra
 from layerdiff.checkpoint.index import load_index
 from layerdiff.layout import build_layout, grid
@@ -153,19 +154,66 @@ def test_dtypes_match_svd(tmp_path, rng, dtype):
 def test_many_blocks_both_sides_numpy_fallback_and_workers(tmp_path, rng, monkeypatch):
     # Tiny blocks: row blocks (tall families) and column blocks walked in row chunks
     # (wide ones) cross many boundaries; without the direct BLAS call, numpy's
-    # matmul does the Gram updates; in workers and in-process.
+    # matmul does the Gram updates and numpy's eigvalsh the eigenvalues; in workers
+    # and in-process.
     tensors = qwen3_like(rng, layers=4, hidden=96, ff=160)
     write_checkpoint(tmp_path, tensors, shards=2)
     monkeypatch.setattr(R, "BLOCK_BYTES", 8 * 96 * 7)
     monkeypatch.setattr(R, "MIN_BLOCK_ROWS", 5)
     monkeypatch.setattr(R, "ROW_CHUNK", 13)
-    for syrk in (None, "blas"):
-        if syrk is None:
-            monkeypatch.setattr(R, "_SYRK", [None])
+    for direct in (False, True):
+        if direct:
+            S._FNS.clear()
         else:
-            monkeypatch.setattr(R, "_SYRK", [])
+            monkeypatch.setattr(S, "_FNS", {"syrk": None, "eig": None})
         for jobs in (1, 2):
             assert check_against_svd(tmp_path, jobs=jobs) == 3 * 7
+        assert (S.blas_syrk() is not None, S.lapack_eigvalsh() is not None) == (direct, direct)
+
+
+U64 = np.finfo(np.float64).eps / 2
+
+
+def float64_bound(m: int, d: int, elems: int, resid: float) -> float:
+    """Worst case |delta lambda_i| / |D|_F^2 of the exact path, all in float64: the syrk sums
+    of m products (gamma_m |X|^T |X|, whose 2-norm is at most |X|_F^2), the eigensolver
+    (backward stable, ~2 d u |G|), X = b - s a rounded per element (8 u / |D|_F) and
+    s = |b|/|a| from sums of `elems` squares (2 gamma_elems / |D|_F)."""
+    return (m + 2 * d + (8 + 2 * elems) / resid) * U64
+
+
+def test_concurrent_tasks_match_float64_svd_within_the_bound(tmp_path, rng, monkeypatch):
+    # Several families at once on threads (one BLAS thread each), LAPACK's two-stage
+    # eigensolver, blocks across row and column boundaries; bf16 as stored.
+    tensors = qwen3_like(rng, layers=4, hidden=96, ff=224)
+    write_checkpoint(tmp_path, tensors)
+    monkeypatch.setattr(R, "BLOCK_BYTES", 8 * 224 * 7)
+    monkeypatch.setattr(R, "MIN_BLOCK_ROWS", 5)
+    monkeypatch.setattr(R, "ROW_CHUNK", 13)
+    layout = open_layout(tmp_path)
+    options = ScanOptions(rank="exact", max_memory=4 << 30, jobs=2)
+    plan = plan_scan(layout, options)
+    assert R.plan_rank(plan, options).concurrent == 2 and S.lapack_eigvalsh() is not None
+    result = scan(layout, options, plan=plan)
+    worst, checked = 0.0, 0
+    for pr in result["stacks"]["model.layers"]["pairs"]:
+        for fam, got in pr["families"].items():
+            if not fam.endswith("_proj"):
+                continue
+            where = "mlp" if fam in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            a, b = (tensors[f"model.layers.{L}.{where}.{fam}.weight"].astype(np.float64) for L in (pr["L"], pr["L"] + 1))
+            want = truth(a, b)  # numpy's float64 SVD of the explicit residual
+            lam = want["s"] ** 2
+            eps = float64_bound(max(a.shape), min(a.shape), a.size, math.sqrt(lam.sum()))
+            d_h = 2 * min(a.shape) * eps * (1 - math.log(spectra.SPEC_EPS))  # sum |dp_i| |1 + ln p_i|
+            sr = lam.sum() / lam.max()
+            assert abs(got["resid_spec_entropy"] - want["H"]) <= d_h
+            assert abs(got["resid_eff_rank"] / want["eff"] - 1) <= 1.01 * d_h
+            assert abs(got["resid_stable_rank"] / want["stable"] - 1) <= eps * (min(a.shape) + sr)
+            worst = max(worst, abs(got["resid_spec_entropy"] - want["H"]) / d_h)
+            checked += 1
+    assert checked == 3 * 7
+    assert worst < 1e-3, worst  # the bound is a worst case: the errors are far below it
 
 
 def test_cosines_and_scales_still_match_reference(tmp_path, rng):
@@ -267,7 +315,8 @@ def test_summary_means(tmp_path, rng):
             assert s["mean_SE"] is None and s["mean_eff_rank"] is None
 
 
-def test_each_tensor_is_read_at_most_twice(tmp_path, rng, monkeypatch):
+def test_each_tensor_is_read_at_most_three_times(tmp_path, rng, monkeypatch):
+    # Once for the norms, then as b and as a of the pairs it belongs to.
     from layerdiff.checkpoint.reader import Reader
 
     tensors = qwen3_like(rng, layers=5, hidden=64, ff=128)
@@ -286,10 +335,10 @@ def test_each_tensor_is_read_at_most_twice(tmp_path, rng, monkeypatch):
     assert set(seen) == set(sizes)
     for name, n in seen.items():
         layer = int(name.split(".")[2])
-        times = 1 if tensors[name].ndim == 1 or layer in (0, 4) else 2  # first and last layers: one pair
+        times = 1 if tensors[name].ndim == 1 else 2 if layer in (0, 4) else 3  # first and last layers: one pair
         assert n == times * sizes[name], name
     matrices = sum(sizes[n] for n in sizes if tensors[n].ndim == 2 and ".0." in n)
-    assert result["run"]["rank_bytes_decoded"] == 2 * 4 * matrices
+    assert result["run"]["rank_bytes_decoded"] == (5 + 2 * 4) * matrices
 
 
 # --- the sketch (--rank-approx) ------------------------------------------------
@@ -361,11 +410,12 @@ def test_nystrom_entropy_bounds_property(d, k, decay, seed):
 
 @pytest.fixture
 def wide_ckpt(tmp_path, rng):
-    # d = 1024: three float64 Grams need 32 MiB, more than a 64 MiB budget leaves (the process itself uses ~35).
-    a = rng.standard_normal((1024, 1024)).astype(np.float32)
+    # d = 1536: a float64 Gram and the smallest blocks need 27 MiB, more than a 64 MiB budget
+    # leaves (the process itself uses ~35).
+    a = rng.standard_normal((1536, 1536)).astype(np.float32)
     tensors = {f"model.layers.{L}.mlp.up_proj.weight": (a + 0.5 * L * rng.standard_normal(a.shape)).astype(np.float32)
                for L in range(3)}
-    tensors.update({f"model.layers.{L}.input_layernorm.weight": np.ones(1024, np.float32) for L in range(3)})
+    tensors.update({f"model.layers.{L}.input_layernorm.weight": np.ones(1536, np.float32) for L in range(3)})
     return write_checkpoint(tmp_path / "ckpt", tensors)
 
 
@@ -374,7 +424,7 @@ def test_cli_exact_rank_that_does_not_fit_fails_up_front(wide_ckpt, tmp_path):
     proc = run_cli("scan", str(wide_ckpt), "--rank", "--max-memory", "64M", "--out", str(out))
     assert proc.returncode == 1 and not out.exists()
     assert proc.stderr.startswith("layerdiff: error: --max-memory: 64 MiB is too small for the residual spectrum: up_proj")
-    assert "three 1024x1024 float64 Gram matrices" in proc.stderr and "--rank-approx" in proc.stderr
+    assert "a 1536x1536 float64 Gram matrix" in proc.stderr and "--rank-approx" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

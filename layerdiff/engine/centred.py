@@ -34,9 +34,10 @@ from ..layout import Layout
 from ..options import ScanOptions
 from . import pool
 from .budget import MiB, rss_bytes, usable_cpus
-from .gram import (BASE_GROWTH, BLOCK_BYTES, MIN_BLOCK_ROWS, ROW_CHUNK, SLACK, SyrkGram, itemsize_of, layer_blocks,
+from .gram import (BASE_GROWTH, BLOCK_BYTES, MIN_BLOCK_ROWS, ROW_CHUNK, SLACK, itemsize_of, layer_blocks,
                    pair_blocks, part_dims)
 from .plan import Plan, Segment
+from .syrk import SyrkGram
 
 
 @dataclass(frozen=True)
