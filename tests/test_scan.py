@@ -267,3 +267,12 @@ def test_a_small_scan_stays_in_one_process_unless_jobs_says_otherwise(tmp_path, 
     room = 4 << 30  # the budget is measured against this pytest process, which other tests grew
     assert plan(open_model(str(ckpt)), scan_options(max_memory=room)).plan.jobs == 1
     assert plan(open_model(str(ckpt)), scan_options(max_memory=room, jobs=2)).plan.jobs == 2
+
+
+@pytest.mark.parametrize("values", [[0.3], [0.1, 0.9], [0.5, -0.2, 0.7], [0.4, 0.1, 0.8, 0.2], [0.1, float("nan"), 0.3],
+                                    [float("inf"), 0.1, 0.2]])
+def test_median_cos_is_numpys_median(values):
+    from layerdiff.metrics.registry import SUMMARIES
+
+    rule = next(s.rule for s in SUMMARIES if s.name == "median_cos")
+    np.testing.assert_equal(rule(np.array(values)), float(np.median(values)))
