@@ -80,7 +80,10 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
     stacks = {}
     for name, st in layout.stacks.items():
         fams = {}
-        for fam in family_order(list(st.families)):
+        order = family_order(list(st.families))
+        # As the scan's tables: matrices, then norms and other 1-D families, then biases.
+        order.sort(key=lambda f: 2 if f.endswith(".bias") else 0 if len(st.families[f][0].tensor.shape) >= 2 else 1)
+        for fam in order:
             members = st.families[fam]
             t = members[0].tensor
             n, nbytes = _share(members)
