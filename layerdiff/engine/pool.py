@@ -130,6 +130,7 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
     window = window or 4 * jobs
     pending: dict[Future[R], T] = {}
     pool: ProcessPoolExecutor | None = None
+    broken = False
     try:
         with _sigint_deferred():
             pool = ProcessPoolExecutor(jobs, multiprocessing.get_context("fork"), _start_worker, (init, args))
@@ -144,18 +145,24 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
+                    broken = True
                     raise WorkerDied(item, _how(pool)) from None
                 for nxt in it:
                     try:
                         pending[pool.submit(fn, nxt)] = nxt
                     except BrokenProcessPool:  # a worker died since `fut` completed
+                        broken = True
                         raise WorkerDied(nxt, _how(pool)) from None
                     break
                 yield result
     finally:
-        for fut in pending:
-            fut.cancel()
+        # A broken pool's own thread fails every pending future; cancelling them
+        # meanwhile makes that thread die of InvalidStateError with a traceback
+        # (Python 3.11), so they are left to it.
+        if not broken:
+            for fut in pending:
+                fut.cancel()
         if pool is not None:
             for proc in list((getattr(pool, "_processes", None) or {}).values()):
                 proc.terminate()  # an interrupted or failed pass: do not wait for queued work
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=not broken)
