@@ -95,6 +95,70 @@ def qwen3_like(rng: np.random.Generator, layers: int = 4, hidden: int = 64, ff: 
     return out
 
 
+def f64(t: np.ndarray) -> np.ndarray:
+    return np.asarray(t).astype(np.float64)
+
+
+def layer_tensors(tensors: dict[str, np.ndarray], stack: str) -> dict[int, dict[str, np.ndarray]]:
+    """stack -> {layer: {rest: float64 tensor}} for names `<stack>.<layer>.<rest>`."""
+    out: dict[int, dict[str, np.ndarray]] = {}
+    for name, t in tensors.items():
+        if name.startswith(stack + "."):
+            layer, rest = name[len(stack) + 1:].split(".", 1)
+            if layer.isdigit():
+                out.setdefault(int(layer), {})[rest] = f64(t)
+    return out
+
+
+def by_names(layers: dict[int, dict[str, np.ndarray]], names: dict[str, str]) -> dict[str, dict[int, np.ndarray]]:
+    """Families from a module-name map: `<module>.weight` -> name, `<module>.bias` -> name.bias."""
+    out: dict[str, dict[int, np.ndarray]] = {}
+    for L, ts in layers.items():
+        for rest, t in ts.items():
+            module, _, kind = rest.rpartition(".")
+            if module in names and kind in ("weight", "bias"):
+                out.setdefault(names[module] + (".bias" if kind == "bias" else ""), {})[L] = t
+    return out
+
+
+def stats(mats: dict[int, np.ndarray]) -> tuple[dict[int, float], dict[int, float]]:
+    """Float64 norms per layer and cosines of (L, L+1) where both exist with the same shape."""
+    norms = {L: math.sqrt(float((m * m).sum())) for L, m in mats.items()}
+    cos = {}
+    for L, a in mats.items():
+        b = mats.get(L + 1)
+        if b is not None and a.shape == b.shape and norms[L] > 1e-12 and norms[L + 1] > 1e-12:
+            cos[L] = float((a * b).sum()) / (norms[L] * norms[L + 1])
+    return norms, cos
+
+
+def compare(st: dict, expected: dict[str, dict[int, np.ndarray]], exact: bool = True) -> int:
+    """A stack's scanned norms and adjacent cosines against float64 over `expected` (with `exact`,
+    the same families too); returns the pairs checked."""
+    if exact:
+        assert set(st["families"]) == set(expected), sorted(set(st["families"]) ^ set(expected))
+    layers = st["layers"]
+    pairs = {pr["L"]: pr["families"] for pr in st["pairs"]}
+    checked = 0
+    for fam, mats in expected.items():
+        assert fam in st["families"], fam
+        norms, cos = stats(mats)
+        for i, L in enumerate(layers):
+            got = st["scales"][fam][i]
+            if L in norms:
+                assert got == pytest.approx(norms[L], rel=1e-6, abs=1e-12), (fam, L)
+            else:
+                assert got is None, (fam, L)
+        for L in layers:
+            if L in cos:
+                got = pairs[L][fam]["cos"]
+                assert abs(got - cos[L]) < 1e-6, (fam, L, got, cos[L])
+                checked += 1
+            elif L in pairs:
+                assert fam not in pairs[L], (fam, L)
+    return checked
+
+
 def scan_layout(layout: Any, options: Any, plan: Any = None) -> dict:
     """The scan result document of a layout built by the test (no source)."""
     from layerdiff.api import Model, ScanJob, plan as plan_job

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_all, run_cli, write_checkpoint
+from conftest import FIXTURES, by_names, compare, f64, layer_tensors, load_all, run_cli, write_checkpoint
 
 from layerdiff.errors import LayerdiffError
 from layerdiff.checkpoint.index import load_index
@@ -58,58 +57,12 @@ def run(folder: Path, **opts) -> dict:
     return scan(layout_of(folder), ScanOptions(**opts))
 
 
-def f64(t: np.ndarray) -> np.ndarray:
-    return np.asarray(t).astype(np.float64)
 
 
-def layer_tensors(tensors: dict[str, np.ndarray], stack: str) -> dict[int, dict[str, np.ndarray]]:
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for name, t in tensors.items():
-        if name.startswith(stack + "."):
-            layer, rest = name[len(stack) + 1:].split(".", 1)
-            if layer.isdigit():
-                out.setdefault(int(layer), {})[rest] = f64(t)
-    return out
 
 
-def by_names(layers: dict[int, dict[str, np.ndarray]], names: dict[str, str]) -> dict[str, dict[int, np.ndarray]]:
-    """Families from a module-name map: `<module>.weight` -> name, `<module>.bias` -> name.bias."""
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for L, ts in layers.items():
-        for rest, t in ts.items():
-            module, _, kind = rest.rpartition(".")
-            if module in names and kind in ("weight", "bias"):
-                fam = names[module] + (".bias" if kind == "bias" else "")
-                out.setdefault(fam, {})[L] = t
-    return out
 
 
-def compare(st: dict, expected: dict[str, dict[int, np.ndarray]], exact: bool = True) -> int:
-    """The scan's norms and adjacent cosines against float64 over `expected`; returns pairs checked."""
-    if exact:
-        assert set(st["families"]) == set(expected), sorted(set(st["families"]) ^ set(expected))
-    layers = st["layers"]
-    pairs = {pr["L"]: pr["families"] for pr in st["pairs"]}
-    checked = 0
-    for fam, mats in expected.items():
-        assert fam in st["families"], fam
-        norms = {L: math.sqrt(float((m * m).sum())) for L, m in mats.items()}
-        for i, L in enumerate(layers):
-            got = st["scales"][fam][i]
-            if L in norms:
-                assert got == pytest.approx(norms[L], rel=1e-6, abs=1e-12), (fam, L)
-            else:
-                assert got is None, (fam, L)
-        for L in layers:
-            a, b = mats.get(L), mats.get(L + 1)
-            if a is not None and b is not None and a.shape == b.shape and norms[L] > 1e-12 and norms[L + 1] > 1e-12:
-                want = float((a * b).sum()) / math.sqrt(norms[L] ** 2 * norms[L + 1] ** 2)
-                got = pairs[L][fam]["cos"]
-                assert abs(got - want) < 1e-6, (fam, L, got, want)
-                checked += 1
-            elif L in pairs:
-                assert fam not in pairs[L], (fam, L)
-    return checked
 
 
 # --- name tables of the reference (from the issue and transformers' module names) ----------

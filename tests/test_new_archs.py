@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import re
 import subprocess
 import sys
@@ -24,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, load_all, reference, write_checkpoint
+
+import layerdiff
+from conftest import FIXTURES, by_names, compare, layer_tensors, load_all, reference, stats, write_checkpoint
 
 HF = FIXTURES / "hf"
 BIG = 1 << 30  # in-process scans: the budget must not depend on what the test process imported
@@ -32,23 +33,12 @@ BIG = 1 << 30  # in-process scans: the budget must not depend on what the test p
 NEW = ("t5", "bart", "mbart", "whisper", "mpnet", "vit", "deit", "clip", "modernbert", "granitemoe", "cohere")
 
 
-def f64(t: np.ndarray) -> np.ndarray:
-    return np.asarray(t).astype(np.float64)
 
 
 def cfg(name: str) -> dict:
     return json.loads((HF / name / "config.json").read_text())
 
 
-def layer_tensors(tensors: dict[str, np.ndarray], stack: str) -> dict[int, dict[str, np.ndarray]]:
-    """stack -> {layer: {rest: float64 tensor}} for names `<stack>.<layer>.<rest>`."""
-    out: dict[int, dict[str, np.ndarray]] = {}
-    for name, t in tensors.items():
-        if name.startswith(stack + "."):
-            layer, rest = name[len(stack) + 1:].split(".", 1)
-            if layer.isdigit():
-                out.setdefault(int(layer), {})[rest] = f64(t)
-    return out
 
 
 # --- the reference's name tables: raw module (before .weight / .bias) -> canonical family -------------
@@ -171,15 +161,6 @@ FAMILIES: dict[str, dict[str, set[str]]] = {
 }
 
 
-def by_names(layers: dict[int, dict[str, np.ndarray]], names: dict[str, str]) -> dict[str, dict[int, np.ndarray]]:
-    """Families from a module-name map: `<module>.weight` -> name, `<module>.bias` -> name.bias."""
-    out: dict[str, dict[int, np.ndarray]] = {}
-    for L, ts in layers.items():
-        for rest, t in ts.items():
-            module, _, kind = rest.rpartition(".")
-            if module in names and kind in ("weight", "bias"):
-                out.setdefault(names[module] + (".bias" if kind == "bias" else ""), {})[L] = t
-    return out
 
 
 def modernbert_splits(layers: dict[int, dict[str, np.ndarray]], c: dict) -> dict[str, dict[int, np.ndarray]]:
@@ -235,15 +216,6 @@ def expected(name: str, tensors: dict[str, np.ndarray] | None = None) -> dict[st
     return out
 
 
-def stats(mats: dict[int, np.ndarray]) -> tuple[dict[int, float], dict[int, float]]:
-    """Float64 norms per layer and cosines of (L, L+1) where both exist with the same shape."""
-    norms = {L: math.sqrt(float((m * m).sum())) for L, m in mats.items()}
-    cos = {}
-    for L, a in mats.items():
-        b = mats.get(L + 1)
-        if b is not None and a.shape == b.shape and norms[L] > 1e-12 and norms[L + 1] > 1e-12:
-            cos[L] = float((a * b).sum()) / (norms[L] * norms[L + 1])
-    return norms, cos
 
 
 # --- the reference itself (no layerdiff table involved) ----------------------------------------------
@@ -456,65 +428,21 @@ def test_reference_slices_match_transformers_forward(tmp_path):
     assert checked == 4 * (6 + 4) + 3 * (4 * 3 + 1)
 
 
-# --- layerdiff against the reference (needs the architecture tables as data: layerdiff.archs) --------
-
-# layerdiff/archs/data/*.json exist before their loader (layerdiff/archs/__init__.py, branch archs) does.
-needs_tables = pytest.mark.skipif(not (Path(__file__).resolve().parent.parent / "layerdiff" / "archs" / "__init__.py").exists(),
-                                  reason="architecture data files are read by layerdiff.archs (branch archs)")
+# --- layerdiff against the reference ------------------------------------------------------------------
 
 
 def open_layout(folder: Path):
-    """The layout layerdiff builds for a checkpoint folder (the Python API if there is one)."""
-    import layerdiff
-
-    if hasattr(layerdiff, "open_model"):
-        return layerdiff.open_model(str(folder)).layout
-    from layerdiff.index import load_index
-    from layerdiff.layout import build_layout
-    from layerdiff.sources import resolve
-
-    source = resolve(str(folder))
-    return build_layout(load_index(source.files, source.index_file), source.config)
+    """The layout layerdiff builds for a checkpoint folder."""
+    return layerdiff.open_model(str(folder)).layout
 
 
 def scan_folder(folder: Path, **opts) -> dict:
     """The scan's JSON document (as the CLI writes it) for a checkpoint folder."""
-    import layerdiff
-
     opts.setdefault("jobs", 1)
     opts.setdefault("max_memory", BIG)
-    if hasattr(layerdiff, "scan") and callable(layerdiff.scan):
-        return layerdiff.scan(str(folder), **opts).to_dict()
-    from layerdiff.scan import ScanOptions, scan
-
-    return scan(open_layout(folder), ScanOptions(**opts))
+    return layerdiff.scan(str(folder), **opts).to_dict()
 
 
-def compare(st: dict, expected: dict[str, dict[int, np.ndarray]]) -> int:
-    """The scan's families, norms and adjacent cosines against float64 over `expected`; returns pairs checked."""
-    assert set(st["families"]) == set(expected), sorted(set(st["families"]) ^ set(expected))
-    layers = st["layers"]
-    pairs = {pr["L"]: pr["families"] for pr in st["pairs"]}
-    checked = 0
-    for fam, mats in expected.items():
-        norms, cos = stats(mats)
-        for i, L in enumerate(layers):
-            got = st["scales"][fam][i]
-            if L in norms:
-                assert got == pytest.approx(norms[L], rel=1e-6, abs=1e-12), (fam, L)
-            else:
-                assert got is None, (fam, L)
-        for L in layers:
-            if L in cos:
-                got = pairs[L][fam]["cos"]
-                assert abs(got - cos[L]) < 1e-6, (fam, L, got, cos[L])
-                checked += 1
-            elif L in pairs:
-                assert fam not in pairs[L], (fam, L)
-    return checked
-
-
-@needs_tables
 @pytest.mark.parametrize("name", NEW)
 def test_scan_matches_the_float64_reference(name):
     result = scan_folder(HF / name)
@@ -531,7 +459,6 @@ def test_scan_matches_the_float64_reference(name):
     assert checked == want and want > 0
 
 
-@needs_tables
 @pytest.mark.parametrize("name", NEW)
 def test_each_stack_is_labelled_with_its_own_table(name):
     layout = open_layout(HF / name)
@@ -540,7 +467,6 @@ def test_each_stack_is_labelled_with_its_own_table(name):
     assert layout.arch == STACKS[name][MAIN.get(name, next(iter(STACKS[name])))][1]
 
 
-@needs_tables
 def test_fused_splits_are_described():
     for name, raws in (("modernbert", ("attn.Wqkv.weight", "attn.Wqkv.bias", "mlp.Wi.weight", "mlp.Wi.bias")),
                        ("granitemoe", ("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"))):
@@ -554,7 +480,6 @@ def test_fused_splits_are_described():
     assert fams["q_proj"]["raw"] == "self_attn.q_proj.weight"
 
 
-@needs_tables
 def test_granitemoe_in_transformers_fused_layout(tmp_path):
     """save_pretrained(save_original_format=False) writes GraniteMoE's in-memory names
     (conversion_mapping: input_linear -> experts.gate_up_proj, output_linear -> experts.down_proj,
@@ -571,7 +496,6 @@ def test_granitemoe_in_transformers_fused_layout(tmp_path):
     assert compare(st, expected("granitemoe")["model.layers"]) == 2 * len(FAMILIES["granitemoe"]["model.layers"])
 
 
-@needs_tables
 def test_clip_text_model_alone_as_transformers_5_writes_it(tmp_path):
     """CLIPTextModel.save_pretrained (transformers 5) drops the `text_model.` prefix: stack
     `encoder.layers`, config model_type clip_text_model with the sizes at the top level."""
@@ -586,7 +510,6 @@ def test_clip_text_model_alone_as_transformers_5_writes_it(tmp_path):
     assert compare(st, exp) == 2 * len(exp)
 
 
-@needs_tables
 def test_granitemoeshared_shared_mlp_is_split_into_gate_and_up(tmp_path):
     """GraniteMoeSharedMLP.forward: input_linear(x).chunk(2): act(first) * second -> output_linear;
     input_linear [2S, H] rows [gate; up] with S = shared_intermediate_size. Names as
