@@ -4,6 +4,7 @@ stack are chosen (`select`), and the builder (`build`). The tables are data: lay
 from ..checkpoint.index import grid
 from .build import build_layout
 from .model import (
+    FAMILY_KINDS,
     SEED_FAMILIES,
     Layout,
     Member,
@@ -13,10 +14,11 @@ from .model import (
     aggregate_name,
     aggregate_raw,
     aggregate_sums,
+    family_kind,
     family_order,
 )
 
 __all__ = [
-    "SEED_FAMILIES", "Layout", "Member", "Refused", "Stack", "TableMatch", "aggregate_name", "aggregate_raw",
-    "aggregate_sums", "build_layout", "family_order", "grid",
+    "FAMILY_KINDS", "SEED_FAMILIES", "Layout", "Member", "Refused", "Stack", "TableMatch", "aggregate_name", "aggregate_raw",
+    "aggregate_sums", "build_layout", "family_kind", "family_order", "grid",
 ]

@@ -37,6 +37,16 @@ def family_order(families: list[str]) -> list[str]:
     return seed + sorted(set(families) - set(seed))
 
 
+# How reports group families: tables, inspect and plots list matrices, then norms, then biases.
+FAMILY_KINDS = ("matrices", "norms", "biases")
+
+
+def family_kind(name: str, ndim: int) -> int:
+    """The family's group, an index into FAMILY_KINDS: biases (`*.bias`), matrices (2-D and
+    up), norms (the other 1-D weights)."""
+    return 2 if name.endswith(".bias") else 0 if ndim >= 2 else 1
+
+
 @dataclass(frozen=True)
 class Member:
     """One layer's tensor for a family, or the part of a fused tensor it owns.

@@ -11,6 +11,7 @@ import math
 import textwrap
 from typing import Any, Callable
 
+from ..layout.model import family_kind
 from ..result import PairStats, StackResult
 
 MATRIX_COLS = 6  # small multiples per row of L x L matrices
@@ -18,9 +19,7 @@ MATRIX_COLS = 6  # small multiples per row of L x L matrices
 
 def _grouped(families: dict[str, Any]) -> list[str]:
     """Matrices, then norms (1-D, not biases), then biases (`families`: name -> its shape)."""
-    def kind(f: str) -> int:
-        return 0 if len(families[f]) >= 2 else 2 if f.endswith(".bias") else 1
-    return sorted(families, key=lambda f: (kind(f), list(families).index(f)))
+    return sorted(families, key=lambda f: family_kind(f, len(families[f])))
 
 
 def grid_panel(ax: Any, rows: list[str], cols: list[Any], value: Callable[[str, Any], float | None], title: str,

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..checkpoint.index import TensorIndex, grid
 from ..checkpoint.sources import Source
-from ..layout import Layout, aggregate_raw, family_order
+from ..layout import Layout, aggregate_raw, family_kind, family_order
 from ..layout.build import split_name
 from .escape import lines as text_lines
 
@@ -80,10 +80,8 @@ def inspect_doc(source: Source, index: TensorIndex, layout: Layout) -> dict[str,
     stacks = {}
     for name, st in layout.stacks.items():
         fams = {}
-        order = family_order(list(st.families))
-        # As the scan's tables: matrices, then norms and other 1-D families, then biases.
-        order.sort(key=lambda f: 2 if f.endswith(".bias") else 0 if len(st.families[f][0].tensor.shape) >= 2 else 1)
-        for fam in order:
+        for fam in sorted(family_order(list(st.families)),
+                          key=lambda f: family_kind(f, len(st.families[f][0].tensor.shape))):
             members = st.families[fam]
             t = members[0].tensor
             n, nbytes = _share(members)

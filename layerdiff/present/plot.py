@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayerdiffError, SelectionError
+from ..layout.model import FAMILY_KINDS, family_kind
 from ..output import atomic
 from ..result import Pair, ScanResult, StackResult
 from .heatmaps import diff_figure, matrix_count, scan_heatmaps
@@ -32,7 +33,6 @@ MAX_FAMILIES = 16  # more lines than this: per-expert families give way to their
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # 7 markers x 10 colours: 70 distinct styles
 LINESTYLES = ("-", "--", "-.", ":")
 MAX_LINES = len(MARKERS) * 10  # lines per panel before styles repeat: the rest are named, not drawn
-KINDS = ("matrices", "norms", "biases")
 
 
 MISSING = "matplotlib is not installed: pip install 'layerdiff[plot]'"
@@ -77,14 +77,14 @@ def _families(st: StackResult) -> tuple[dict[str, list[str]], list[str]]:
     fams = list(st.families)
     if len(fams) > MAX_FAMILIES and any(st.families[f].experts is not None for f in fams):
         fams = [f for f in fams if not EXPERT.search(f)]
-    by_kind = {k: [f for f in fams if kind(st, f) == k][:MAX_LINES] for k in KINDS}
+    by_kind = {k: [f for f in fams if kind(st, f) == k][:MAX_LINES] for k in FAMILY_KINDS}
     drawn = {f for v in by_kind.values() for f in v}
     return by_kind, [f for f in st.families if f not in drawn]
 
 
 def kind(st: StackResult, fam: str) -> str:
     """matrices (2-D and up), norms (other 1-D weights) or biases."""
-    return "biases" if fam.endswith(".bias") else "matrices" if len(st.families[fam].shape) >= 2 else "norms"
+    return FAMILY_KINDS[family_kind(fam, len(st.families[fam].shape))]
 
 
 def family_styles(fams: list[str]) -> dict[str, dict[str, Any]]:
@@ -131,8 +131,8 @@ def make_figure(result: ScanResult | dict[str, Any], stack: str | None = None) -
 
     name, st = _stack(result, stack)
     by_kind, left_out = _families(st)
-    styles = {f: style for k in KINDS for f, style in family_styles(by_kind[k]).items()}  # per kind: its panels
-    kinds = [k for k in KINDS if by_kind[k]]
+    styles = {f: style for k in FAMILY_KINDS for f, style in family_styles(by_kind[k]).items()}  # per kind: its panels
+    kinds = [k for k in FAMILY_KINDS if by_kind[k]]
     pairs = st.pairs
     xs = [pr.L for pr in pairs]
     most = max((len(v) for v in by_kind.values()), default=0)

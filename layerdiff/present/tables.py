@@ -6,6 +6,7 @@ import re
 import textwrap
 from typing import Any
 
+from ..layout.model import family_kind
 from ..result import PairStats, ScanResult, StackResult
 from .escape import lines as text_lines
 
@@ -32,9 +33,7 @@ def _blocks(cols: list[tuple[str, int]], lead: int) -> list[list[tuple[str, int]
 
 def grouped(st: StackResult, families: list[str]) -> list[str]:
     """Matrices first, then norms and other 1-D families, then biases; each in the given order."""
-    def kind(f: str) -> int:
-        return 2 if f.endswith(".bias") else 0 if len(st.families[f].shape) >= 2 else 1
-    return sorted(families, key=lambda f: (kind(f), families.index(f)))
+    return sorted(families, key=lambda f: family_kind(f, len(st.families[f].shape)))
 
 
 def _num(v: float | None, width: int, fmt: str) -> str:
