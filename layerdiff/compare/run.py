@@ -20,7 +20,7 @@ from ..checkpoint.index import grid
 from ..checkpoint.reader import dropping
 from ..engine import centred, gram, multi
 from ..engine.budget import drop_pages, plan_budget
-from ..engine.plan import Plan, Segment
+from ..engine.plan import Plan, Segment, segments_bytes
 from ..errors import SelectionError
 from ..layout import family_order
 from ..metrics.registry import DIFF_METRICS, diff_values
@@ -204,7 +204,7 @@ def plan_diff(a: Model, b: Model, options: ScanOptions) -> DiffJob:
     if read:
         segs = [m.segment() for m in read]
         budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams=2,
-                             nbytes=sum(t.nbytes for s in segs for t in s.tensors))
+                             nbytes=segments_bytes(segs))
         plan = Plan(segs, [], budget.jobs, budget.block)
         if options.rank:
             rank_plan = gram.plan_rank(plan, options, delta=True)  # fails here, up front, if it cannot fit

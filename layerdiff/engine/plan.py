@@ -52,6 +52,11 @@ class Segment:
         return np.float64 if any(t.dtype == "F64" for t in self.tensors) else np.float32
 
 
+def segments_bytes(segments: list[Segment]) -> int:
+    """The bytes of every tensor the segments read."""
+    return sum(t.nbytes for s in segments for t in s.tensors)
+
+
 @dataclass
 class Plan:
     segments: list[Segment]
@@ -61,7 +66,7 @@ class Plan:
 
     @property
     def bytes_total(self) -> int:
-        return sum(t.nbytes for s in self.segments for t in s.tensors)
+        return segments_bytes(self.segments)
 
     def items(self) -> Iterator[tuple[int, int, int]]:
         for i, seg in enumerate(self.segments):
@@ -82,8 +87,8 @@ def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
     if not segs:
         raise SelectionError("scan", "nothing to analyse: no floating-point layer tensors match the selection")
     streams = max(len(s.layers) for s in segs) if options.all_pairs else 2  # all-pairs: every layer's block at once
-    nbytes = sum(t.nbytes for s in segs for t in s.tensors)
-    budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams, nbytes)
+    budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams,
+                         segments_bytes(segs))
     return Plan(segs, skipped, budget.jobs, budget.block)
 
 
