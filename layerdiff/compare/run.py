@@ -22,7 +22,7 @@ from ..engine import centred, gram, multi
 from ..engine.budget import drop_pages, plan_budget
 from ..engine.plan import Plan, Segment, segments_bytes
 from ..errors import SelectionError
-from ..layout import family_order
+from ..layout import family_kind, family_order
 from ..metrics.registry import DIFF_METRICS, diff_values
 from ..options import ScanOptions
 from .match import Matched, Matching, match
@@ -163,15 +163,17 @@ def _unread(m: Matched) -> TensorDiff:
 def _per_layer(tensors: dict[str, TensorDiff]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per stack and family: the per-layer arrays, and the family's summary."""
     rows: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    ndim: dict[str, int] = {}  # per family: its tensors' dimensions, for the report's grouping
     for t in tensors.values():
         if t.stack is None or t.layer is None:
             continue
         for fam, values in (t.parts or {t.family: t.values}).items():
             rows.setdefault(t.stack, {}).setdefault(fam, {})[t.layer] = values
+            ndim[fam] = len(t.shape)
     layers: dict[str, Any] = {}
     summary: dict[str, Any] = {}
     for stack, fams in sorted(rows.items()):
-        for fam in family_order(list(fams)):
+        for fam in sorted(family_order(list(fams)), key=lambda f: family_kind(f, ndim[f])):
             by_layer = fams[fam]
             order = sorted(by_layer)
             layers.setdefault(stack, {})[fam] = {"layers": order, **{k: [by_layer[L][k] for L in order] for k in TRACKED}}
