@@ -8,12 +8,13 @@ the same as without the cap.
 
 Steps: generate (or reuse) the checkpoint (1B params = 1.98 GB by default, ~7.4x a 256 MiB
 cap; --params 4B gives 8 GB); run `layerdiff scan` uncapped (warm); for reference, time a
-cold `cat` without and with the cap and a cold uncapped scan; drop the page cache; run the
-scan again as a child moved into a fresh child cgroup of this process's own memory
-cgroup, with memory.limit_in_bytes (cgroup v1) or memory.max (cgroup v2) = cap; compare
-the two result.json files (pair_results and scales must agree to 1e-12 relative: the row
-blocks are sized from each run's own RSS, so float64 sums may be grouped differently and
-differ in the last bits); remove the cgroup.
+cold `cat` without and with the cap and a cold uncapped scan (ratio: scan / cat, best of
+--repeat alternating rounds); drop the page cache; run the scan again as a child moved
+into a fresh child cgroup of this process's own memory cgroup, with memory.limit_in_bytes
+(cgroup v1) or memory.max (cgroup v2) = cap; compare the two result.json files
+(pair_results and scales must agree to 1e-12 relative: the row blocks are sized from each
+run's own RSS, so float64 sums may be grouped differently and differ in the last bits);
+remove the cgroup.
 The scan's own --max-memory defaults to the cap.
 
 Needs root.  Exit status: 0 = same results under the cap, 1 = scan failed / killed /
@@ -30,6 +31,10 @@ import _proc
 
 
 RTOL = 1e-12  # float64 sums grouped by other row blocks differ in the last bits
+
+
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def diff_results(a: dict, b: dict) -> tuple[bool, float, list[str]]:
@@ -115,23 +120,25 @@ def main(argv=None):
         # Cold references: the disk ceiling (cat), uncapped and capped, and the uncapped
         # scan.  On a VM "cold" means the guest's page cache was dropped; the host may still
         # cache the file, so compare cold figures with each other, not across machines.
+        # Cold runs of the same bytes swing 2x on a VM (a cache below the guest): cold cat,
+        # the cold uncapped scan and the capped scan alternate, --repeat rounds, and the
+        # ratios use each one's best.
         files = _proc.shard_files(d)
         rcc = None
-        if _proc.drop_caches():
-            rc = _proc.run_measured(["cat", *files], discard_stdout=True)
-            print(f"cat, cold      : {rc.wall:.2f} s = {size / rc.wall / 1e9:.2f} GB/s "
-                  f"(disk read ceiling)")
-            with _proc.MemoryCap(cap) as cg:
-                _proc.drop_caches()
-                rcc = _proc.run_measured(["cat", *files], discard_stdout=True,
-                                         preexec_fn=cg.preexec_fn)
-            print(f"cat, cold, cap : {rcc.wall:.2f} s = {size / rcc.wall / 1e9:.2f} GB/s "
-                  f"(read ceiling under the cap)")
-        # Cold runs of the same bytes swing 2x on a VM (a cache below the guest): the uncapped
-        # and capped scans alternate, --repeat rounds, and the ratios use each one's best.
-        colds, capped = [], []
+        cats, colds, capped = [], [], []
         for _ in range(a.repeat):
-            if rcc is not None:
+            if _proc.drop_caches(verbose=not cats):
+                rc = _proc.run_measured(["cat", *files], discard_stdout=True)
+                print(f"cat, cold      : {rc.wall:.2f} s = {size / rc.wall / 1e9:.2f} GB/s "
+                      f"(disk read ceiling)")
+                cats.append(rc.wall)
+                if rcc is None:
+                    with _proc.MemoryCap(cap) as cg:
+                        _proc.drop_caches()
+                        rcc = _proc.run_measured(["cat", *files], discard_stdout=True,
+                                                 preexec_fn=cg.preexec_fn)
+                    print(f"cat, cold, cap : {rcc.wall:.2f} s = {size / rcc.wall / 1e9:.2f} GB/s "
+                          f"(read ceiling under the cap)")
                 _proc.drop_caches()
                 r_cold, _ = _proc.run_scan(d, out_free + ".cold", max_memory=max_memory, jobs=a.jobs)
                 print(f"uncapped, cold : {r_cold.summary()}")
@@ -161,10 +168,13 @@ def main(argv=None):
             print("verdict: FAIL (the scan did not complete under the cap)")
             return 1
         best = min(capped)
+        if colds:
+            print(f"  uncapped cold scan / cold cat {min(colds) / min(cats):.2f}x (best of {len(cats)} each; "
+                  f"medians {_median(colds):.2f} / {_median(cats):.2f} s)")
         print(f"  capped: best of {len(capped)} {best:.2f} s = {size / best / 1e9:.2f} GB/s of checkpoint; "
               f"capped cold / uncapped warm {best / r1.wall:.2f}x"
               + (f", capped cold / uncapped cold {best / min(colds):.2f}x (best of {len(colds)} each; "
-                 f"medians {sorted(capped)[len(capped) // 2]:.2f} / {sorted(colds)[len(colds) // 2]:.2f} s)"
+                 f"medians {_median(capped):.2f} / {_median(colds):.2f} s)"
                  if colds else "")
               + (f", capped scan / capped cat {best / rcc.wall:.2f}x" if rcc else ""))
         same, worst, diffs = diff_results(doc1, doc2)

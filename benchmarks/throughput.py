@@ -159,6 +159,7 @@ def main(argv=None):
     os.makedirs(a.workdir, exist_ok=True)
     mi = _proc.machine_info()
     print(f"machine: {mi['cores']} cores, {mi['ram_gib']} GiB RAM, {mi['cpu']}")
+    print(_proc.compile_layerdiff())  # start-up is part of the seed ratio at 2 GB
     d = _proc.checkpoint_dir(a.workdir, a.params, a.seed)
     info, created = _proc.ensure_checkpoint(d, a.params, a.seed)
     files = _proc.shard_files(d)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .checkpoint.files import watching
 from .checkpoint.index import TensorIndex, load_index
 from .checkpoint.reader import dropping
 from .checkpoint.sources import Source, resolve
-from .engine import centred, chain, gram, multi
+from .engine import chain, multi
 from .engine.budget import drop_pages
 from .engine.plan import Plan, plan_scan
 from .errors import SelectionError
@@ -30,6 +30,9 @@ from .metrics.stack import stack_result
 from .options import MiB, ScanOptions
 from .result import ScanResult
 from .sizes import parse_layers, parse_size
+
+if TYPE_CHECKING:  # --rank and --gram only: imported when asked for (start-up time)
+    from .engine import centred, gram
 
 Progress = Callable[[int], None]
 
@@ -108,6 +111,8 @@ class ScanJob:
             passes["all_pairs"] = io["bytes_mapped"]
             totals = [chain_totals(g) for g, _ in grams]
             if rplan is not None:
+                from .engine import gram
+
                 _, ranks, rank_io = gram.run_rank(plan, rplan, progress)
                 io, passes["rank"] = io | rank_io, rank_io["rank_bytes_mapped"]
         elif rplan is not None:
@@ -118,6 +123,8 @@ class ScanJob:
             part_totals, io = (chain.execute(Plan(rest, plan.skipped, plan.jobs, plan.block), progress) if rest
                                else ([], {"bytes_mapped": 0, "read_bytes": 0}))
             passes["chain"] = io["bytes_mapped"]
+            from .engine import gram
+
             rank_totals, ranks, rank_io = gram.run_rank(plan, rplan, progress)
             it = iter(part_totals)
             totals = [rank_totals[i] if i in done else next(it) for i in range(len(plan.segments))]
@@ -127,6 +134,8 @@ class ScanJob:
             passes["chain"] = io["bytes_mapped"]
         gram_mats: dict[tuple[int, int], Any] = {}
         if self.centred_plan is not None:
+            from .engine import centred
+
             values, passes["gram"] = centred.run_centred(plan, self.centred_plan, progress)
             for key, v in values.items():
                 ranks = ranks or {}
@@ -154,7 +163,7 @@ class ScanJob:
         settings = {
             "max_memory": o.max_memory, "jobs": plan.jobs, "block_elements": plan.block,
             "stacks": list(o.stacks), "families": list(o.families), "layers": list(o.layers) if o.layers else None,
-            "rank": gram.describe(rplan) if rplan else None, "all_pairs": o.all_pairs,
+            "rank": rplan.describe() if rplan else None, "all_pairs": o.all_pairs,
             "gram": self.centred_plan.describe() if self.centred_plan else None, "pca_biases": o.pca_biases,
         }
         run = {"seconds": seconds, "bytes_analysed": plan.bytes_total, **io}
@@ -166,8 +175,16 @@ class ScanJob:
 def plan(model: Model, options: ScanOptions) -> ScanJob:
     """Plan a scan: segments, workers, blocks and (with rank) the spectra, all within the budget."""
     p = plan_scan(model.layout, options)
-    return ScanJob(model, options, p, gram.plan_rank(p, options) if options.rank else None,
-                   centred.plan_centred(p, model.layout, options) if options.gram else None)
+    rank_plan = centred_plan = None
+    if options.rank:
+        from .engine import gram
+
+        rank_plan = gram.plan_rank(p, options)
+    if options.gram:
+        from .engine import centred
+
+        centred_plan = centred.plan_centred(p, model.layout, options)
+    return ScanJob(model, options, p, rank_plan, centred_plan)
 
 
 def scan(model: str | Model, progress: Progress | None = None, revision: str | None = None,

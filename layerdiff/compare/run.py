@@ -86,7 +86,7 @@ class DiffJob:
         settings = {"max_memory": o.max_memory, "jobs": self.plan.jobs if self.plan else 0,
                     "block_elements": self.plan.block if self.plan else 0, "stacks": list(o.stacks),
                     "families": list(o.families), "layers": list(o.layers) if o.layers else None,
-                    "rank": gram.describe(self.rank_plan) if self.rank_plan else None,
+                    "rank": self.rank_plan.describe() if self.rank_plan else None,
                     "gram": self.centred_plan.describe() if self.centred_plan else None}
         side = {"a": sum(m.a.nbytes for m in self.read), "b": sum(m.b.nbytes for m in self.read)}
         run = {"seconds": time.perf_counter() - started, "bytes_analysed_a": side["a"], "bytes_analysed_b": side["b"],

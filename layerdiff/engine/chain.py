@@ -120,8 +120,10 @@ def execute(plan: Plan, progress: Callable[[int], None] | None = None) -> tuple[
     ]
     mapped = 0
     read_by_pid: dict[int, int] = {}
+    # The compiled kernel calls no BLAS: its workers skip pinning it (threadpoolctl, ~8 ms each to start).
+    blas = 1 if fused.KERNEL == "numpy" else None
     for item, norms, dots, nbytes, pid, nread in pool.run(run_item, plan.items(), plan.jobs, pool.init_state,
-                                                          (plan.segments,)):
+                                                          (plan.segments, blas)):
         totals[item[0]][0][...] += norms
         totals[item[0]][1][...] += dots
         mapped += nbytes

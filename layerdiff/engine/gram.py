@@ -125,6 +125,18 @@ class RankPlan:
     def segments(self) -> set[int]:
         return {t.seg for t in self.tasks}
 
+    def describe(self) -> dict[str, Any]:
+        """The rank pass's settings, for the result document."""
+        return {
+            "mode": self.mode,
+            "families": len(self.tasks),
+            "gram": sum(t.method == "gram" for t in self.tasks),
+            "sketch": sorted({t.k for t in self.tasks if t.method == "sketch"}),
+            "tasks_at_once": self.concurrent,
+            "blas_threads_per_task": self.threads if self.concurrent == 1 else 1,
+            "largest_task_bytes": max((t.need for t in self.tasks), default=0),
+        }
+
     def total_bytes(self, plan: Plan) -> int:
         """Progress units of a scan with this rank pass: the bytes of the chain
         pass's segments, plus what the rank pass decodes: every layer for its
@@ -434,16 +446,3 @@ def run_rank(plan: Plan, rp: RankPlan, progress: Callable[[int], None] | None = 
     decoded = sum(t.m * t.n * itemsize_of(plan.segments[t.seg]) * reads(t, n) for t, n in zip(rp.tasks, layers))
     return totals, ranks, {"rank_seconds": time.perf_counter() - started, "rank_bytes_decoded": decoded,
                            "rank_bytes_mapped": mapped[0]}
-
-
-def describe(rp: RankPlan) -> dict[str, Any]:
-    """The rank pass's settings, for the result document."""
-    return {
-        "mode": rp.mode,
-        "families": len(rp.tasks),
-        "gram": sum(t.method == "gram" for t in rp.tasks),
-        "sketch": sorted({t.k for t in rp.tasks if t.method == "sketch"}),
-        "tasks_at_once": rp.concurrent,
-        "blas_threads_per_task": rp.threads if rp.concurrent == 1 else 1,
-        "largest_task_bytes": max((t.need for t in rp.tasks), default=0),
-    }
