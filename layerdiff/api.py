@@ -21,7 +21,6 @@ from .checkpoint.index import TensorIndex, load_index
 from .checkpoint.reader import dropping
 from .checkpoint.sources import Source, resolve
 from .engine import chain, multi
-from .engine.budget import drop_pages
 from .engine.plan import Plan, plan_scan
 from .errors import SelectionError
 from .layout import Layout, build_layout
@@ -97,7 +96,7 @@ class ScanJob:
     def run(self, progress: Progress | None = None) -> ScanResult:
         # A shard that changed while it was read is the error, whatever else happened.
         with watching(self.model.index.stamps() if self.model.index else []), \
-                dropping(drop_pages(self.total, self.options.max_memory)):
+                dropping(self.plan.paging(self.total, self.options.max_memory)):
             return self._run(progress)
 
     def _run(self, progress: Progress | None) -> ScanResult:

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import load_all, qwen3_like, reference, write_checkpoint
 from layerdiff.api import open_model, plan, scan_options
+from layerdiff.checkpoint.reader import Reader, dropping
 from layerdiff.engine import budget
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -81,9 +82,59 @@ def test_dropping_gives_the_same_results_and_empties_the_page_cache(ckpt, monkey
         assert pair["families"]["q_proj"]["cos"] == pytest.approx(cos["self_attn.q_proj.weight"][pair["L"]], rel=1e-8)
 
 
-def test_dropping_only_when_the_reads_do_not_fit_beside_the_run(monkeypatch):
+def test_dropping_only_when_the_reads_do_not_fit_beside_the_run(monkeypatch, tmp_path):
     monkeypatch.setattr(budget, "memory_cap", lambda: None)
-    assert not budget.drop_pages(1 << 40, 256 << 20)  # no cap: the kernel's own reclaim streams fine
+    assert budget.paging(1 << 40, 256 << 20, 2, tmp_path) == budget.Paging()  # no cap: the kernel's own reclaim streams fine
     monkeypatch.setattr(budget, "memory_cap", lambda: 300 << 20)
-    assert budget.drop_pages(2 << 30, 256 << 20)
-    assert not budget.drop_pages(20 << 20, 256 << 20)
+    assert budget.paging(2 << 30, 256 << 20, 2, tmp_path).drop
+    assert not budget.paging(20 << 20, 256 << 20, 2, tmp_path).drop
+
+
+def test_readahead_off_when_its_windows_would_crowd_the_cap(monkeypatch, tmp_path):
+    monkeypatch.setattr(budget, "memory_cap", lambda: 300 << 20)
+    monkeypatch.setattr(budget, "readahead_bytes", lambda path: 8 << 20)
+    assert budget.paging(2 << 30, 300 << 20, 9, tmp_path) == budget.Paging(True, True)  # 9 x 16 MiB within 150 MiB
+    assert budget.paging(8 << 30, 300 << 20, 32, tmp_path) == budget.Paging(True, False)  # 32 x 16 MiB is not
+
+
+def test_readahead_window_of_the_device(tmp_path):
+    ra = budget.readahead_bytes(tmp_path)
+    assert ra % 1024 == 0 and 0 <= ra <= 1 << 30
+
+
+def test_without_readahead_a_block_read_brings_in_only_its_own_pages(ckpt):
+    """With readahead off (`POSIX_FADV_RANDOM`), reading a tensor's first rows in two
+    blocks caches those rows' pages and none of the rest of the tensor (with it on, the
+    second, sequential read brings in a window ahead); the values are the file's."""
+    shard = max(ckpt.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    index = open_model(str(ckpt)).index
+    t = max((t for t in index.tensors.values() if t.file == shard), key=lambda t: t.nbytes)
+    rows, cols = t.shape
+    fd = os.open(shard, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    assert cached_pages(shard) == 0
+    with dropping(budget.Paging(True, False)):
+        reader = Reader()
+        got = np.concatenate([reader.rows(t, 0, 8).copy(), reader.rows(t, 8, 16).copy()])  # a stream's reads
+        reader.close()
+    item = t.nbytes // t.numel
+    first = -(-(t.start + 16 * cols * item) // mmap.PAGESIZE) - t.start // mmap.PAGESIZE
+    assert cached_pages(shard) <= first + 1, (cached_pages(shard), first)
+    assert rows * cols * item >= (128 << 10) + 16 * cols * item  # longer than the kernel's default readahead window
+    assert got.tobytes() == load_all(ckpt)[t.name][:16].tobytes()
+
+
+def test_without_readahead_blocks_are_larger(ckpt, monkeypatch):
+    """Each block is then one read from storage, and larger reads keep it busier."""
+    model = open_model(str(ckpt))
+    options = scan_options(max_memory=4 << 30, jobs=1)
+    assert plan(model, options).plan.block == budget.MAX_BLOCK
+    monkeypatch.setattr(budget, "memory_cap", lambda: 1 << 30)  # drop pages: the reads do not fit beside 4 GiB
+    monkeypatch.setattr(budget, "readahead_bytes", lambda path: 64 << 20)  # 6 layers x 2 x 64 MiB > 512 MiB
+    job = plan(model, options)
+    assert job.plan.paging(job.total, options.max_memory) == budget.Paging(True, False)
+    assert job.plan.block == budget.UNREAD_AHEAD_MAX_BLOCK
+    _, cos = reference(load_all(ckpt))
+    for pair in job.run().to_dict()["pair_results"]:
+        assert pair["families"]["q_proj"]["cos"] == pytest.approx(cos["self_attn.q_proj.weight"][pair["L"]], rel=1e-8)

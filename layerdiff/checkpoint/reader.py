@@ -18,7 +18,9 @@ Under a memory cap smaller than what a run reads (a cgroup limit), the page
 cache is charged to the cap: readahead and consumed pages fill it, and the
 kernel reclaims them against the scan's own memory, 2-3x slower than uncapped.
 There every process reads (workers too) and drops each block's file pages
-once consumed (`POSIX_FADV_DONTNEED`): see `dropping`.
+once consumed (`POSIX_FADV_DONTNEED`); and where the kernel's readahead
+windows, ahead of every tensor read in turn, would not fit beside the run,
+readahead is off (`POSIX_FADV_RANDOM`): see `dropping` and engine/budget.py.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Iterator
 import numpy as np
 
 from ..engine import fused
+from ..engine.budget import Paging
 from ..errors import FormatError
 from .files import changed, open_regular, os_problem
 from .index import TensorInfo, grid
@@ -62,18 +65,18 @@ _KEEP = 4
 # Largest single read: Linux transfers at most 0x7ffff000 bytes per call.
 _CHUNK = 1 << 30
 # Set by `dropping` for a run, inherited by forked workers.
-_DROP = False
+_PAGING = Paging()
 
 
 @contextmanager
-def dropping(drop: bool) -> Iterator[None]:
-    """Readers made inside read every block and drop its file pages after use (see above)."""
-    global _DROP
-    old, _DROP = _DROP, drop
+def dropping(paging: Paging) -> Iterator[None]:
+    """Readers made inside treat the page cache as `paging` says (see above)."""
+    global _PAGING
+    old, _PAGING = _PAGING, paging
     try:
         yield
     finally:
-        _DROP = old
+        _PAGING = old
 
 
 def _pages(lo: int, hi: int, size: int, unit: int = _PAGE) -> tuple[int, int]:
@@ -107,7 +110,8 @@ class Reader:
     pages are being dropped."""
 
     def __init__(self, mapped: bool = False) -> None:
-        self.drop = _DROP
+        self.paging = _PAGING
+        self.drop = self.paging.drop
         self.mapped = mapped and not self.drop
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
@@ -125,6 +129,8 @@ class Reader:
                     os.close(fd)
                     raise err
             self._fds[t.file] = fd
+            if not self.paging.readahead:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fd
 
     def _map(self, t: TensorInfo) -> mmap.mmap:

@@ -19,7 +19,7 @@ from ..api import Model, open_model, scan_options
 from ..checkpoint.index import grid
 from ..checkpoint.reader import dropping
 from ..engine import centred, gram, multi
-from ..engine.budget import drop_pages, plan_budget
+from ..engine.budget import Paging, plan_budget
 from ..engine.plan import Plan, Segment, segments_bytes
 from ..errors import SelectionError
 from ..layout import family_kind, family_order
@@ -62,7 +62,7 @@ class DiffJob:
         return self.plan.bytes_total + (self.centred_plan.total_bytes(self.plan) if self.centred_plan else 0)
 
     def run(self, progress: Progress | None = None) -> DiffResult:
-        with dropping(drop_pages(self.total, self.options.max_memory)):
+        with dropping(self.plan.paging(self.total, self.options.max_memory) if self.plan else Paging()):
             return self._run(progress)
 
     def _run(self, progress: Progress | None) -> DiffResult:

@@ -17,6 +17,9 @@ MiB = 1 << 20
 # cache and decode more slowly, smaller ones pay per-call overhead.
 MAX_BLOCK = 1 << 20
 MIN_BLOCK = 1 << 14
+# Without the kernel's readahead (see `paging`) each block is one read: larger
+# ones keep the disk busier (8 GB under a 300 MB cap: 8.6 s vs 10.3 s).
+UNREAD_AHEAD_MAX_BLOCK = 4 << 20
 # Resident bytes per block element, worst case: the mapped raw value (up to 8),
 # two decoded buffers (current and previous layer, up to 8 each), and room for
 # a temporary of the block.
@@ -77,11 +80,39 @@ def memory_cap() -> int | None:
     return None
 
 
-def drop_pages(nbytes: int, max_memory: int) -> bool:
-    """Whether a run reading `nbytes` should drop file pages as it goes: when they would
-    not fit in its cgroup's memory limit beside the run itself (see checkpoint/reader.py)."""
+@dataclass(frozen=True)
+class Paging:
+    """How a run treats the page cache (see checkpoint/reader.py)."""
+
+    drop: bool = False  # read each block and drop its file pages once consumed
+    readahead: bool = True  # leave the kernel's readahead on
+
+
+def paging(nbytes: int, max_memory: int, streams: int, path: str | os.PathLike[str]) -> Paging:
+    """Drop file pages when a run reading `nbytes` would not fit in its cgroup's memory
+    limit beside the run itself; and then also turn the kernel's readahead off when its
+    windows would crowd the cap: up to two windows ahead of each of the `streams`
+    tensors read in turn stay cached until read (an 8 GB, 32-layer scan under a 300 MB
+    cap: the charge pinned at the cap, 37% of the bytes read twice). Within half the
+    cap, readahead stays on: with it a 9-layer scan was 1.4x faster."""
     cap = memory_cap()
-    return cap is not None and nbytes > cap - max_memory
+    if cap is None or nbytes <= cap - max_memory:
+        return Paging()
+    return Paging(True, streams * 2 * readahead_bytes(path) <= cap // 2)
+
+
+def readahead_bytes(path: str | os.PathLike[str]) -> int:
+    """The readahead window of the block device holding `path` (its queue's
+    read_ahead_kb; the kernel's default, 128 KiB, where it cannot be found)."""
+    dev = os.stat(path).st_dev
+    where = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    for name in ("queue/read_ahead_kb", "../queue/read_ahead_kb", "bdi/read_ahead_kb"):  # a disk, a partition
+        try:
+            with open(os.path.join(where, name)) as f:
+                return int(f.read()) * 1024
+        except (OSError, ValueError):
+            continue
+    return 128 * 1024
 
 
 def usable_cpus() -> int:
@@ -104,7 +135,8 @@ class Budget:
         return (self.max_memory - self.base * (self.jobs + 1)) // self.jobs if self.jobs > 1 else 0
 
 
-def plan_budget(max_memory: int, jobs: int, widest: int, streams: int = 2, nbytes: int | None = None) -> Budget:
+def plan_budget(max_memory: int, jobs: int, widest: int, streams: int = 2, nbytes: int | None = None,
+                max_block: int | None = None) -> Budget:
     """Choose workers and block size for rows of up to `widest` values.
 
     `streams` is how many layers' blocks a worker holds at once (2 for adjacent
@@ -133,4 +165,4 @@ def plan_budget(max_memory: int, jobs: int, widest: int, streams: int = 2, nbyte
             f"{max_memory // MiB} MiB is too small for rows of {widest} values{at_once}"
             f" (it needs at least {-(-need // MiB)} MiB)",
         )
-    return Budget(max_memory, base, jobs, min(MAX_BLOCK, block))
+    return Budget(max_memory, base, jobs, min(max_block or MAX_BLOCK, block))

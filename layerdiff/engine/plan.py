@@ -16,7 +16,7 @@ import numpy as np
 
 from ..checkpoint.index import TensorInfo
 from ..errors import FormatError, SelectionError
-from .budget import plan_budget
+from .budget import UNREAD_AHEAD_MAX_BLOCK, Paging, paging, plan_budget
 from ..layout import Layout, Member, family_order, grid
 from ..options import ScanOptions
 from ..result import Skip
@@ -68,6 +68,9 @@ class Plan:
     def bytes_total(self) -> int:
         return segments_bytes(self.segments)
 
+    def paging(self, nbytes: int, max_memory: int) -> Paging:
+        return segments_paging(self.segments, nbytes, max_memory)
+
     def items(self) -> Iterator[tuple[int, int, int]]:
         for i, seg in enumerate(self.segments):
             rows, cols = grid(seg.shape)
@@ -81,14 +84,25 @@ class Plan:
         return sum((item[2] - item[1]) * cols * t.nbytes // max(t.numel, 1) for t in seg.tensors)
 
 
+def segments_paging(segments: list[Segment], nbytes: int, max_memory: int) -> Paging:
+    """How a run over `segments` reading `nbytes` treats the page cache: an item
+    reads a row block of each of a segment's tensors in turn."""
+    if not segments:
+        return Paging()
+    streams = max(len(s.tensors) for s in segments)
+    return paging(nbytes, max_memory, streams, segments[0].tensors[0].file)
+
+
 def plan_scan(layout: Layout, options: ScanOptions) -> Plan:
     """Choose segments, worker count and block size within the memory budget."""
     segs, skipped = segments(layout, options)
     if not segs:
         raise SelectionError("scan", "nothing to analyse: no floating-point layer tensors match the selection")
     streams = max(len(s.layers) for s in segs) if options.all_pairs else 2  # all-pairs: every layer's block at once
+    nbytes = segments_bytes(segs)
+    unread_ahead = not segments_paging(segs, nbytes, options.max_memory).readahead
     budget = plan_budget(options.max_memory, options.jobs, max(grid(s.shape)[1] for s in segs), streams,
-                         segments_bytes(segs))
+                         nbytes, UNREAD_AHEAD_MAX_BLOCK if unread_ahead else None)
     return Plan(segs, skipped, budget.jobs, budget.block)
 
 
