@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,26 @@ def test_without_readahead_blocks_are_larger(ckpt, monkeypatch):
     _, cos = reference(load_all(ckpt))
     for pair in job.run().to_dict()["pair_results"]:
         assert pair["families"]["q_proj"]["cos"] == pytest.approx(cos["self_attn.q_proj.weight"][pair["L"]], rel=1e-8)
+
+
+def test_prefetch_reads_ahead_only_when_readahead_is_off(ckpt):
+    """`Reader.prefetch` starts the kernel reading a block (it lands in the page cache
+    without a read call) where readahead is off, and leaves it to the kernel otherwise."""
+    shard = max(ckpt.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    index = open_model(str(ckpt)).index
+    t = max((t for t in index.tensors.values() if t.file == shard), key=lambda t: t.nbytes)
+    rows = t.shape[0]
+    for readahead, expect in ((True, False), (False, True)):
+        fd = os.open(shard, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+        with dropping(budget.Paging(True, readahead)):
+            reader = Reader()
+            reader.prefetch(t, 0, rows)
+            reader.close()
+        pages = t.nbytes // mmap.PAGESIZE
+        for _ in range(200):  # the reads it started finish on their own
+            if cached_pages(shard) >= pages or not expect:
+                break
+            time.sleep(0.01)
+        assert (cached_pages(shard) >= pages) == expect, (readahead, cached_pages(shard), pages)

@@ -20,7 +20,8 @@ kernel reclaims them against the scan's own memory, 2-3x slower than uncapped.
 There every process reads (workers too) and drops each block's file pages
 once consumed (`POSIX_FADV_DONTNEED`); and where the kernel's readahead
 windows, ahead of every tensor read in turn, would not fit beside the run,
-readahead is off (`POSIX_FADV_RANDOM`): see `dropping` and engine/budget.py.
+readahead is off (`POSIX_FADV_RANDOM`) and passes ask for the blocks they read
+next (`prefetch`): see `dropping` and engine/budget.py.
 """
 
 from __future__ import annotations
@@ -178,6 +179,16 @@ class Reader:
                 self._populate = False  # kernels before 5.14
         buf = np.frombuffer(m, dtype=dtype, count=count, offset=start)
         return buf.reshape(r1 - r0, cols)
+
+    def prefetch(self, t: TensorInfo, r0: int, r1: int) -> None:
+        """Have the kernel start reading rows [r0, r1) of `t` (`POSIX_FADV_WILLNEED`),
+        when its own readahead is off for this run; otherwise it needs no telling."""
+        if self.paging.readahead:
+            return
+        _, cols = grid(t.shape)
+        itemsize = RAW_DTYPES[t.dtype].itemsize
+        os.posix_fadvise(self._fd(t), t.start + r0 * cols * itemsize, (r1 - r0) * cols * itemsize,
+                         os.POSIX_FADV_WILLNEED)
 
     def release(self, t: TensorInfo, r0: int, r1: int) -> None:
         """Drop the pages of rows [r0, r1) from this process's resident set (mapped),

@@ -24,6 +24,11 @@ from . import fused, pool
 from .budget import read_bytes
 from .plan import Plan, Segment, clip
 
+# Layers ahead whose blocks an item asks for while it works on one, where the
+# kernel's readahead is off (under a cap, see engine/budget.py: paging): 8 GB under
+# 300 MB took 8.5 s / 9.2 s / 11-14 s with 2 / 1 / 0 ahead (uncapped from the same cache: 5 s).
+PREFETCH_LAYERS = 2
+
 Totals = list[tuple[np.ndarray, np.ndarray]]  # per segment: squared norms (parts x layers), dots (parts x pairs)
 Pieces = list[tuple[np.ndarray, str]]  # one part of a block: (2-D view, dtype code) per row span
 
@@ -90,6 +95,9 @@ def _chain(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[An
     prev: list[Pieces] = []
     try:
         for i, t in enumerate(seg.tensors):
+            first = i + 1 if i == 0 else i + PREFETCH_LAYERS  # all at the start, then one more per layer
+            for ahead in seg.tensors[first : i + 1 + PREFETCH_LAYERS]:
+                reader.prefetch(ahead, r0, r1)
             scale = seg.scales[i] if seg.scales else None
             stack = ExitStack()
             held.append(stack)
