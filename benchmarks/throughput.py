@@ -257,7 +257,9 @@ def main(argv=None):
         if ref is not None:
             checks.append(("scan vs float64 reference", compare_results(doc, ref), True))
         if seed_doc is not None:
-            checks.append(("scan vs seed_way", compare_results(doc, seed_doc), ref is None))
+            # The seed's own float32 error (up to ~1e-4) exceeds 1e-5: only the float64
+            # reference can tell whose error a difference is.
+            checks.append(("scan vs seed_way", compare_results(doc, seed_doc), False))
             if ref is not None:
                 checks.append(("seed_way vs float64 reference", compare_results(seed_doc, ref), False))
         if checks:
@@ -271,6 +273,9 @@ def main(argv=None):
                   f"({cmp['where_scale']}){miss}  -> {verdict}")
             if must and not cmp["ok"]:
                 status = 1
+        if ref is None and seed_doc is not None and not fig["agreement"]["scan vs seed_way"]["ok"]:
+            print("  (no float64 reference: run without --no-reference to tell whether that is the "
+                  "seed's float32 rounding)")
         if ref is not None and seed_doc is not None:
             scan_seed = fig["agreement"]["scan vs seed_way"]
             seed_ref = fig["agreement"]["seed_way vs float64 reference"]
