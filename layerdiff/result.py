@@ -47,6 +47,8 @@ class Skip:
 
 @dataclass(frozen=True)
 class FamilyInfo:
+    """What a family is made of: the raw tensor, its shape and dtype, the part taken."""
+
     raw: str  # the raw tensor name (after the layer number) it comes from
     shape: tuple[int, ...]  # of the raw tensor
     dtype: str
@@ -91,6 +93,8 @@ class PairStats:
 
 @dataclass(frozen=True)
 class Pair:
+    """The statistics of every family between layer L and layer L_next."""
+
     L: int
     L_next: int
     families: dict[str, PairStats]
@@ -105,6 +109,8 @@ class Pair:
 
 @dataclass(frozen=True)
 class StackResult:
+    """One stack's result: its families, the pairs, the summaries and the scale track."""
+
     name: str
     layers: list[int]
     families: dict[str, FamilyInfo]

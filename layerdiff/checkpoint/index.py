@@ -29,6 +29,8 @@ MAX_COUNT = 2**63 - 1
 
 @dataclass(frozen=True)
 class DType:
+    """A safetensors dtype code: its item size and whether layerdiff analyses it."""
+
     name: str
     itemsize: int
     kind: str  # "float" (analysed), "int", "bool", "other" (valid, listed, never analysed)
@@ -84,6 +86,8 @@ class TensorInfo:
 
 @dataclass
 class Shard:
+    """One safetensors file: where its data starts, its metadata and tensors, its stamp."""
+
     path: Path
     size: int
     data_start: int

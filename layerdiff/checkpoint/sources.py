@@ -27,6 +27,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 @dataclass
 class Source:
+    """Where a MODEL resolved to: its kind, its shard files, the index file and config.json read."""
+
     spec: str
     kind: str  # "file", "dir", "hub"
     root: Path

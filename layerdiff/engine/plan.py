@@ -33,6 +33,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Segment:
+    """One family's raw tensor across the layers of a stack: what a pass streams in row blocks."""
+
     stack: str
     raw: str
     layers: tuple[int, ...]
@@ -59,6 +61,8 @@ def segments_bytes(segments: list[Segment]) -> int:
 
 @dataclass
 class Plan:
+    """The segments a run reads, what it leaves out, and the workers and block size that fit the budget."""
+
     segments: list[Segment]
     skipped: list[Skip]
     jobs: int

@@ -117,6 +117,8 @@ NO_MATCH = TableMatch(None, "none", reason="no table")
 
 @dataclass
 class Stack:
+    """A stack of numbered layers (model.layers, encoder.layer, ...) and its families, by layer."""
+
     name: str
     families: dict[str, list[Member]] = field(default_factory=dict)  # family -> members by layer
     raw: dict[str, str] = field(default_factory=dict)  # family -> raw family name
@@ -145,6 +147,8 @@ class Stack:
 
 @dataclass
 class Layout:
+    """A checkpoint's tensors arranged for analysis: its stacks, the non-layer tensors, what was tied."""
+
     arch: str | None  # the main stack's table
     stacks: dict[str, Stack]
     nonlayer: list[TensorInfo]

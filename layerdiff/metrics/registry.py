@@ -19,6 +19,8 @@ EPS = 1e-12  # the seed's guard: a family with a smaller norm is skipped
 
 @dataclass(frozen=True)
 class Metric:
+    """A pair metric: its formula, its null value, and how to compute it from a pair's sums."""
+
     name: str
     label: str  # a column or axis title
     formula: str
@@ -69,6 +71,8 @@ def _median(x: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Summary:
+    """A per-family summary over a stack's pairs (a mean, a median, a count)."""
+
     name: str
     metric: str  # the pair metric it summarises ("" for a count or a derived rule)
     rule: Callable[[np.ndarray], float]
@@ -119,6 +123,8 @@ def _diff_cos(s: DiffSums) -> float | None:
 
 @dataclass(frozen=True)
 class DiffMetric:
+    """A metric of one tensor in A against the same tensor in B, from the diff kernel's sums."""
+
     name: str
     label: str
     formula: str
