@@ -121,31 +121,43 @@ def main(argv=None):
         # scan.  On a VM "cold" means the guest's page cache was dropped; the host may still
         # cache the file, so compare cold figures with each other, not across machines.
         # Cold runs of the same bytes swing 2x on a VM (a cache below the guest): cold cat,
-        # the cold uncapped scan and the capped scan alternate, --repeat rounds, and the
-        # ratios use each one's best.
+        # the cold uncapped scan and the capped scan alternate, --repeat rounds, cat and the
+        # uncapped scan taking turns to go first, and the ratios use each one's best.
         files = _proc.shard_files(d)
-        rcc = None
         cats, colds, capped = [], [], []
-        for _ in range(a.repeat):
-            if _proc.drop_caches(verbose=not cats):
-                rc = _proc.run_measured(["cat", *files], discard_stdout=True)
-                print(f"cat, cold      : {rc.wall:.2f} s = {size / rc.wall / 1e9:.2f} GB/s "
-                      f"(disk read ceiling)")
-                cats.append(rc.wall)
-                if rcc is None:
-                    with _proc.MemoryCap(cap) as cg:
-                        _proc.drop_caches()
-                        rcc = _proc.run_measured(["cat", *files], discard_stdout=True,
-                                                 preexec_fn=cg.preexec_fn)
-                    print(f"cat, cold, cap : {rcc.wall:.2f} s = {size / rcc.wall / 1e9:.2f} GB/s "
-                          f"(read ceiling under the cap)")
-                _proc.drop_caches()
-                r_cold, _ = _proc.run_scan(d, out_free + ".cold", max_memory=max_memory, jobs=a.jobs)
-                print(f"uncapped, cold : {r_cold.summary()}")
-                if r_cold.returncode != 0:
-                    print(f"  scan failed: {_proc.fail_line(r_cold)}")
-                    return 1
-                colds.append(r_cold.wall)
+
+        def cold_cat() -> None:
+            _proc.drop_caches()
+            rc = _proc.run_measured(["cat", *files], discard_stdout=True)
+            print(f"cat, cold      : {rc.wall:.2f} s = {size / rc.wall / 1e9:.2f} GB/s (disk read ceiling)")
+            cats.append(rc.wall)
+
+        def cold_scan() -> bool:
+            _proc.drop_caches()
+            r_cold, _ = _proc.run_scan(d, out_free + ".cold", max_memory=max_memory, jobs=a.jobs)
+            print(f"uncapped, cold : {r_cold.summary()}")
+            if r_cold.returncode != 0:
+                print(f"  scan failed: {_proc.fail_line(r_cold)}")
+                return False
+            colds.append(r_cold.wall)
+            return True
+
+        rcc = None
+        if _proc.drop_caches():
+            with _proc.MemoryCap(cap) as cg:
+                rcc = _proc.run_measured(["cat", *files], discard_stdout=True, preexec_fn=cg.preexec_fn)
+            print(f"cat, cold, cap : {rcc.wall:.2f} s = {size / rcc.wall / 1e9:.2f} GB/s "
+                  f"(read ceiling under the cap)")
+        for round_ in range(a.repeat):
+            if rcc is not None:
+                if round_ % 2:
+                    if not cold_scan():
+                        return 1
+                    cold_cat()
+                else:
+                    cold_cat()
+                    if not cold_scan():
+                        return 1
             with _proc.MemoryCap(cap) as cg:
                 dropped = _proc.drop_caches()
                 r2, doc2 = _proc.run_scan(d, out_cap, max_memory=max_memory, jobs=a.jobs,
