@@ -137,7 +137,8 @@ def test_a_worker_killed_is_one_line_and_never_waited_on(sharded, tmp_path, mode
 
 def test_a_shard_truncated_by_another_process_during_a_scan(tmp_path, rng):
     """No hook in the reading process: another process truncates a shard while the scan runs."""
-    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=8, hidden=128, ff=192), shards=2)
+    # Large enough that one-row blocks keep the workers busy for ~0.7 s after they start.
+    ckpt = write_checkpoint(tmp_path / "ckpt", qwen3_like(rng, layers=8, hidden=512, ff=768), shards=2)
     shard = ckpt / "model-00001-of-00002.safetensors"
     out = tmp_path / "r.json"
     slow = "import layerdiff.engine.budget as b; b.MAX_BLOCK = 1; from layerdiff.cli import main; main()"
@@ -147,7 +148,7 @@ def test_a_shard_truncated_by_another_process_during_a_scan(tmp_path, rng):
     deadline = time.monotonic() + 60
     while not children.read_text().split() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # imports and headers: the workers start once they are read
-    time.sleep(0.3)
+    time.sleep(0.1)
     assert proc.poll() is None, "the scan ended before the shard was truncated"
     size = shard.stat().st_size
     os.truncate(shard, size // 3)
@@ -199,13 +200,14 @@ def test_ctrl_c_while_the_workers_start_leaves_none_behind(sharded, tmp_path):
     """SIGINT is blocked while the pool forks; delivered when it is unblocked, it
     used to escape before the code that ends the workers, which lived on."""
     hook = (
-        "import os, signal, concurrent.futures as cf\n"
-        "submit = cf.ProcessPoolExecutor.submit\n"
+        "import os, signal\n"
+        "from layerdiff.engine import pool\n"
+        "start = pool._Worker.__init__\n"
         "def first(self, *a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGINT)  # pending: blocked until the workers exist\n"
-        "    cf.ProcessPoolExecutor.submit = submit\n"
-        "    return submit(self, *a, **k)\n"
-        "cf.ProcessPoolExecutor.submit = first\n"
+        "    pool._Worker.__init__ = start\n"
+        "    start(self, *a, **k)\n"
+        "pool._Worker.__init__ = first\n"
         "from layerdiff.cli import main\n"
         "main(prog_name='layerdiff')\n"
     )
