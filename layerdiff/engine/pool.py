@@ -161,8 +161,17 @@ class _Worker:
         self.items.append(item)
         try:
             _send(self.tasks, item)
-        except BrokenPipeError:  # it has just died
-            raise WorkerDied(item, _how(self.end(kill=True))) from None
+        except BrokenPipeError:  # it has ended
+            raise self.failure() from None
+
+    def failure(self) -> BaseException:
+        """Why it ended early: its own error (from its initialiser, say), or its death
+        while running the oldest item its pipe holds no answer to."""
+        while (msg := _message(self.results)) is not None:
+            if not msg[0]:
+                return msg[1]
+            self.items.pop(0)
+        return WorkerDied(self.items[0] if self.items else None, _how(self.end(kill=True)))
 
     def end(self, kill: bool) -> int:
         """Close its pipes (it exits at the end of its items) or kill it; its wait status."""
@@ -241,7 +250,7 @@ def run(fn: Callable[[T], R], items: Iterable[T], jobs: int, init: Callable[...,
                 w = by_fd[fd]
                 msg = _message(fd)
                 if msg is None:  # it died: its exit status says how
-                    raise WorkerDied(w.items[0] if w.items else None, _how(w.end(kill=True)))
+                    raise w.failure()
                 w.items.pop(0)
                 ok, value = msg
                 if not ok:
