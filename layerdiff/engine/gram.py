@@ -113,6 +113,11 @@ class RankTask:
     def d(self) -> int:
         return min(self.m, self.n)
 
+    @property
+    def width(self) -> int:
+        """Values in a row of its decoded blocks (columns of a row block, rows of a column block)."""
+        return self.m if self.method == "gram" and self.side != "cols" else self.n
+
 
 @dataclass
 class RankPlan:
@@ -306,17 +311,17 @@ def pair_blocks(reader: Reader, seg: Segment, task: Any, ia: int, ib: int, bufa:
     yield from zip(layer_blocks(reader, seg, task, ia, bufa), layer_blocks(reader, seg, task, ib, bufb))
 
 
-def _accumulator(task: RankTask) -> tuple[Any, int]:
-    """The task's accumulator, and the width of its decoded blocks."""
+def _accumulator(task: RankTask) -> Any:
+    """The task's accumulator of the Gram matrix (or its sketch)."""
     if task.method == "gram":
-        return SyrkGram(task.d, task.side), task.n if task.side == "cols" else task.m
-    return Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k), task.n
+        return SyrkGram(task.d, task.side)
+    return Sketch(task.n, task.k, task.step, seed=1_000_003 * task.n + task.k)
 
 
 def task_norms(task: RankTask, seg: Segment, reader: Reader, progress: Callable[[int], None]) -> np.ndarray:
     """|W_L|^2 of the part in every layer: float64 sums over the decoded blocks."""
     norms = np.zeros(len(seg.layers))
-    buf = np.empty(task.step * _accumulator(task)[1])
+    buf = np.empty(task.step * task.width)
     for i in range(len(seg.layers)):
         for x in layer_blocks(reader, seg, task, i, buf):
             norms[i] += float(np.dot(x.reshape(-1), x.reshape(-1)))
@@ -335,9 +340,9 @@ def run_pair(task: RankTask, seg: Segment, reader: Reader, i: int, na: float, nb
         s, alpha = math.sqrt(nb / na), 1.0 / nb
     else:
         s = alpha = 0.0  # no spectrum: the cosine only
-    acc, width = _accumulator(task)
-    bufa, bufb = np.empty(task.step * width), np.empty(task.step * width)
-    g = acc.zeros() if alpha else None
+    acc = _accumulator(task) if alpha else None
+    bufa, bufb = np.empty(task.step * task.width), np.empty(task.step * task.width)
+    g = acc.zeros() if acc is not None else None
     nab = ndd = 0.0
     for xa, xb in pair_blocks(reader, seg, task, i, i + 1, bufa, bufb):
         fa, fb = xa.reshape(-1), xb.reshape(-1)
