@@ -14,7 +14,7 @@ anything unexpected falls back to numpy.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -32,37 +32,41 @@ def _openblas() -> ctypes.CDLL | None:
     return None
 
 
-def _find(names: tuple[str, ...], restype: Any, argtypes: list[Any]) -> Any:
-    lib = _openblas()
-    for name in names:
-        f = getattr(lib, name, None) if lib is not None else None
-        if f is not None:
-            f.restype, f.argtypes = restype, argtypes
-            return f
-    return None
+def _resolve(key: str, names: tuple[str, ...], restype: Any, argtypes: list[Any], works: Callable[[Any], bool]) -> Any:
+    """The first of `names` in numpy's OpenBLAS, typed, once per process, if `works`
+    (a check against numpy) says so; None on any trouble (the callers use numpy)."""
+    if key not in _FNS:
+        fn = None
+        try:
+            lib = _openblas()
+            for name in names:
+                fn = getattr(lib, name, None) if lib is not None else None
+                if fn is not None:
+                    fn.restype, fn.argtypes = restype, argtypes
+                    break
+            if fn is not None and not works(fn):
+                fn = None
+        except Exception:  # noqa: BLE001 - any trouble: use numpy
+            fn = None
+        _FNS[key] = fn
+    return _FNS[key]
+
+
+def _syrk_works(fn: Any) -> bool:
+    x = np.random.default_rng(0).standard_normal((7, 5))
+    want = np.ones((5, 5)) + 0.5 * x.T @ x
+    g, g2 = np.ones((5, 5)), np.ones((5, 5))
+    _call_syrk(fn, g, x, True, 0.5)
+    _call_syrk(fn, g2, np.ascontiguousarray(x.T), False, 0.5)
+    iu = np.triu_indices(5)
+    return bool(np.allclose(g[iu], want[iu], rtol=1e-12) and np.allclose(g2[iu], want[iu], rtol=1e-12))
 
 
 def blas_syrk() -> Any:
     """cblas_dsyrk (64-bit integers), or None."""
-    if "syrk" not in _FNS:
-        fn = None
-        try:
-            i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
-            fn = _find(("scipy_cblas_dsyrk64_", "cblas_dsyrk64_"), None,
-                       [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, dbl, ptr, i64, dbl, ptr, i64])
-            if fn is not None:
-                x = np.random.default_rng(0).standard_normal((7, 5))
-                want = np.ones((5, 5)) + 0.5 * x.T @ x
-                g, g2 = np.ones((5, 5)), np.ones((5, 5))
-                _call_syrk(fn, g, x, True, 0.5)
-                _call_syrk(fn, g2, np.ascontiguousarray(x.T), False, 0.5)
-                iu = np.triu_indices(5)
-                if not (np.allclose(g[iu], want[iu], rtol=1e-12) and np.allclose(g2[iu], want[iu], rtol=1e-12)):
-                    fn = None
-        except Exception:  # noqa: BLE001 - any trouble: use numpy
-            fn = None
-        _FNS["syrk"] = fn
-    return _FNS["syrk"]
+    i64, dbl, ptr = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+    return _resolve("syrk", ("scipy_cblas_dsyrk64_", "cblas_dsyrk64_"), None,
+                    [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, dbl, ptr, i64, dbl, ptr, i64], _syrk_works)
 
 
 def _call_syrk(fn: Any, g: np.ndarray, x: np.ndarray, trans: bool, alpha: float) -> None:
@@ -122,24 +126,18 @@ class Sketch:
         self.tmp = self.xo = None
 
 
+def _eig_works(fn: Any) -> bool:
+    x = np.random.default_rng(0).standard_normal((9, 6))
+    g = x.T @ x
+    want = np.linalg.eigvalsh(g)
+    return bool(np.allclose(_call_eig(fn, np.triu(g)), want, rtol=1e-12, atol=1e-12 * want[-1]))
+
+
 def lapack_eigvalsh() -> Any:
     """LAPACKE_dsyev_2stage (64-bit integers), or None."""
-    if "eig" not in _FNS:
-        fn = None
-        try:
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            fn = _find(("scipy_LAPACKE_dsyev_2stage64_", "LAPACKE_dsyev_2stage64_"), i64,
-                       [ctypes.c_int, ctypes.c_char, ctypes.c_char, i64, ptr, i64, ptr])
-            if fn is not None:
-                x = np.random.default_rng(0).standard_normal((9, 6))
-                g = x.T @ x
-                want = np.linalg.eigvalsh(g)
-                if not np.allclose(_call_eig(fn, np.triu(g)), want, rtol=1e-12, atol=1e-12 * want[-1]):
-                    fn = None
-        except Exception:  # noqa: BLE001 - any trouble: use numpy
-            fn = None
-        _FNS["eig"] = fn
-    return _FNS["eig"]
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return _resolve("eig", ("scipy_LAPACKE_dsyev_2stage64_", "LAPACKE_dsyev_2stage64_"), i64,
+                    [ctypes.c_int, ctypes.c_char, ctypes.c_char, i64, ptr, i64, ptr], _eig_works)
 
 
 def _call_eig(fn: Any, g: np.ndarray) -> np.ndarray:
