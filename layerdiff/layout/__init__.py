@@ -16,9 +16,10 @@ from .model import (
     aggregate_sums,
     family_kind,
     family_order,
+    is_bias,
 )
 
 __all__ = [
     "FAMILY_KINDS", "SEED_FAMILIES", "Layout", "Member", "Refused", "Stack", "TableMatch", "aggregate_name", "aggregate_raw",
-    "aggregate_sums", "build_layout", "family_kind", "family_order", "grid",
+    "aggregate_sums", "build_layout", "family_kind", "family_order", "grid", "is_bias",
 ]

@@ -41,10 +41,15 @@ def family_order(families: list[str]) -> list[str]:
 FAMILY_KINDS = ("matrices", "norms", "biases")
 
 
+def is_bias(name: str) -> bool:
+    """A bias family (`*.bias`): its scale follows another schedule than the weights'."""
+    return name.endswith(".bias")
+
+
 def family_kind(name: str, ndim: int) -> int:
     """The family's group, an index into FAMILY_KINDS: biases (`*.bias`), matrices (2-D and
     up), norms (the other 1-D weights)."""
-    return 2 if name.endswith(".bias") else 0 if ndim >= 2 else 1
+    return 2 if is_bias(name) else 0 if ndim >= 2 else 1
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..engine.plan import Plan
-from ..layout import Layout, aggregate_raw, aggregate_sums, family_order, grid
+from ..layout import Layout, aggregate_raw, aggregate_sums, family_order, grid, is_bias
 from ..result import FamilyInfo, Pair, PairStats, Skip, StackResult
 from .registry import EPS, pair_values, summarise
 from .scale import scale_pca
@@ -100,7 +100,7 @@ def stack_result(name: str, layout: Layout, plan: Plan, totals: Totals,
                  for f in fams if any(f in p.families for p in pairs)}
     raws = {i.raw for i in info.values()}
     # The PCA over matrices and norms: biases' scales follow other schedules (left out, and said).
-    left = [] if pca_biases else [f for f in scales if f.endswith(".bias")]
+    left = [] if pca_biases else [f for f in scales if is_bias(f)]
     pca = scale_pca({f: v for f, v in scales.items() if f not in left}, drop_null=True)
     pca["left_out_biases"] = left
     return StackResult(name, layers, {f: info[f] for f in fams}, [u for u in stack.unmapped if u in raws], pairs,

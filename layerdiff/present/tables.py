@@ -6,7 +6,7 @@ import re
 import textwrap
 from typing import Any
 
-from ..layout.model import family_kind
+from ..layout.model import family_kind, is_bias
 from ..result import PairStats, ScanResult, StackResult
 from .escape import lines as text_lines
 
@@ -101,7 +101,7 @@ def stack_tables(st: StackResult) -> list[str]:
     if pca.get("left_out_biases"):
         out.append(f"  over matrices and norms; biases left out: {len(pca['left_out_biases'])} families "
                    "(--pca-biases includes them)")
-    elif any(f.endswith(".bias") for f in pca["fam_used"]):
+    elif any(is_bias(f) for f in pca["fam_used"]):
         out.append("  over matrices, norms and biases (--pca-biases)")
     if pca["left_out_zero_norm"]:
         out.append(f"  left out (a zero norm in some layer): {', '.join(pca['left_out_zero_norm'])}")
