@@ -6,7 +6,7 @@ between, so that the ratios hold on a busy or a different machine. Each figure
 is the best of --repeat rounds; rounds interleave the kernels.
 
     flock /tmp/bench.lock python benchmarks/kernel_speed.py [--mib 128] [--repeat 5]
-        [--ops pair,norm,diff,decode] [--dtype BF16|F16|F8_E4M3|F8_E5M2|F32] [--isas]
+        [--ops pair,next,norm,diff,decode] [--dtype BF16|F16|F8_E4M3|F8_E5M2|F32] [--isas]
 
 Target (issue 13): >= 15 GB/s of bf16 per core.
 """
@@ -45,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mib", type=int, default=128, help="MiB per array (two arrays)")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--ops", default="pair,norm,diff", help="comma list of pair, norm, diff, decode")
+    ap.add_argument("--ops", default="pair,next,norm,diff", help="comma list of pair, next, norm, diff, decode")
     ap.add_argument("--isas", action="store_true", help="also time every C variant this CPU runs")
     ap.add_argument("--dtype", default="BF16", choices=fused.CODES)
     args = ap.parse_args()
@@ -69,6 +69,7 @@ def main() -> None:
 
     ops = {
         "pair": (lambda k: k.pair_sums(a, code, b, code), 2 * a.nbytes),
+        "next": (lambda k: k.next_sums(a, code, b, code), 2 * a.nbytes),
         "norm": (lambda k: k.norm_sum(a, code), a.nbytes),
         "diff": (lambda k: k.diff_sums(a, code, b, code), 2 * a.nbytes),
         "decode": (lambda k: k.decode(a, code, out), a.nbytes),

@@ -127,6 +127,19 @@ def test_pair_sums_match_float64(kern, kind, code):
         assert kern.norm_sum(va, code) == aa
 
 
+@pytest.mark.parametrize("code", ["BF16", "F16", "F8_E4M3", "F8_E5M2", "F32", "F64"])
+def test_next_sums_are_pair_sums_without_aa(kern, code):
+    """The chain's call: <b,b> and <a,b> bit for bit as pair_sums gives them (the
+    same lanes in the same order, only <a,a> left out), also across dtypes."""
+    a, b = data("heavy", (67, 389), seed=5)
+    ra, rb = encode(a, code), encode(b, code)
+    for name, va in views(ra).items():
+        vb = views(rb)[name]
+        assert kern.next_sums(va, code, vb, code) == kern.pair_sums(va, code, vb, code)[1:], name
+    rf = encode(b, "F32")
+    assert kern.next_sums(ra, code, rf, "F32") == kern.pair_sums(ra, code, rf, "F32")[1:]
+
+
 @pytest.mark.parametrize("kind", ["positive", "orthogonal", "identical", "heavy"])
 def test_cosine_over_a_large_tensor(kern, kind):
     """4M values of bf16 (chunk and run boundaries, float64 flushes)."""
@@ -339,7 +352,8 @@ def test_variants_agree_bit_for_bit(code):
     try:
         for v in _ckernel.isas():
             _ckernel.set_isa(v)
-            got[v] = (_ckernel.pair_sums(ra, code, rb, code), _ckernel.diff_sums(ra[:, 1:], code, rb[:, 1:], code))
+            got[v] = (_ckernel.pair_sums(ra, code, rb, code), _ckernel.next_sums(ra, code, rb, code),
+                      _ckernel.diff_sums(ra[:, 1:], code, rb[:, 1:], code))
     finally:
         _ckernel.set_isa(before)
     assert len(set(got.values())) == 1, got
@@ -367,21 +381,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def test_dispatch_picks_the_best_variant():
+def test_dispatch_picks_the_preferred_variant():
     needs_c()
     compiled = _ckernel.compiled_isas()
     assert compiled[-1] == "default"
     if platform.machine() not in ("x86_64", "AMD64"):
         assert compiled == ("default",)
         return
-    assert compiled == ("avx512", "avx2", "default")
+    assert compiled == ("avx2", "avx512", "default")  # AVX2 first: see VARIANTS in _ckernel.c
     flags = cpu_flags()
     if not flags:
         pytest.skip("no /proc/cpuinfo")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        best = "avx512"
-    elif {"avx2", "fma", "f16c"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         best = "avx2"
+    elif {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        best = "avx512"
     else:
         best = "default"
     assert _ckernel.isas()[0] == best

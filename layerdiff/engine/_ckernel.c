@@ -30,7 +30,7 @@
  *
  * Speed: the loops use GCC/clang generic vectors of 32 bytes (8 float32 or 4
  * float64 lanes), lowered to what each variant's instruction set has. Every
- * loop is compiled once per variant (AVX-512, AVX2+FMA, the baseline) and a
+ * loop is compiled once per variant (AVX2+FMA, AVX-512, the baseline) and a
  * table is chosen at import with __builtin_cpu_supports; never -march=native.
  * Other architectures get the baseline build (NEON is baseline on aarch64).
  * All variants give the same sums, bit for bit, for every dtype but F64 (same
@@ -85,7 +85,10 @@ typedef struct {
     int64_t equal;
 } Sums;
 
-enum { OP_NORM, OP_PAIR, OP_DIFF };
+/* OP_NEXT: a pair whose <a,a> the caller has already (a chain of layers): <b,b>, <a,b>. */
+enum { OP_NORM, OP_PAIR, OP_DIFF, OP_NEXT, N_OPS };
+#define PAIRED(op) ((op) == OP_PAIR || (op) == OP_NEXT)
+#define NEED_AA(op) ((op) != OP_NEXT)
 
 /* 4 or 8 bytes a value: read as doubles (the 16- and 8-bit codes are decoded
  * 16 at a time, in even and odd lanes). */
@@ -225,8 +228,10 @@ typedef struct {
         if (op != OP_NORM) load16(code, PB, &ye, &yo);                          \
         if (IN_DOUBLE(op, code)) {                                              \
             vd x0 = lo4(xe), x1 = hi4(xe), x2 = lo4(xo), x3 = hi4(xo);          \
-            acc.aa[0] += x0 * x0 + x2 * x2;                                     \
-            acc.aa[1] += x1 * x1 + x3 * x3;                                     \
+            if (NEED_AA(op)) {                                                  \
+                acc.aa[0] += x0 * x0 + x2 * x2;                                 \
+                acc.aa[1] += x1 * x1 + x3 * x3;                                 \
+            }                                                                   \
             if (op != OP_NORM) {                                                \
                 vd y0 = lo4(ye), y1 = hi4(ye), y2 = lo4(yo), y3 = hi4(yo);      \
                 acc.bb[0] += y0 * y0 + y2 * y2;                                 \
@@ -244,18 +249,22 @@ typedef struct {
                 }                                                               \
             }                                                                   \
         } else if (FIRST) { /* a run's first products: no add to zero */      \
-            fa_e = xe * xe;                                                     \
-            fa_o = xo * xo;                                                     \
-            if (op == OP_PAIR) {                                                \
+            if (NEED_AA(op)) {                                                  \
+                fa_e = xe * xe;                                                 \
+                fa_o = xo * xo;                                                 \
+            }                                                                   \
+            if (PAIRED(op)) {                                                   \
                 fb_e = ye * ye;                                                 \
                 fb_o = yo * yo;                                                 \
                 fab_e = xe * ye;                                                \
                 fab_o = xo * yo;                                                \
             }                                                                   \
         } else {                                                                \
-            fa_e += xe * xe;                                                    \
-            fa_o += xo * xo;                                                    \
-            if (op == OP_PAIR) {                                                \
+            if (NEED_AA(op)) {                                                  \
+                fa_e += xe * xe;                                                \
+                fa_o += xo * xo;                                                \
+            }                                                                   \
+            if (PAIRED(op)) {                                                   \
                 fb_e += ye * ye;                                                \
                 fb_o += yo * yo;                                                \
                 fab_e += xe * ye;                                               \
@@ -269,11 +278,11 @@ typedef struct {
  * exact conversion, then one double add per lane. */
 #define NARROW_FLUSH()                                                          \
     do {                                                                        \
-        if (!IN_DOUBLE(op, code)) {                                             \
+        if (NEED_AA(op) && !IN_DOUBLE(op, code)) {                              \
             da0 += lo4(fa_e) + lo4(fa_o);                                       \
             da1 += hi4(fa_e) + hi4(fa_o);                                       \
         }                                                                       \
-        if (op == OP_PAIR && !IN_DOUBLE(op, code)) {                            \
+        if (PAIRED(op) && !IN_DOUBLE(op, code)) {                               \
             db0 += lo4(fb_e) + lo4(fb_o);                                       \
             db1 += hi4(fb_e) + hi4(fb_o);                                       \
             dab0 += lo4(fab_e) + lo4(fab_o);                                    \
@@ -309,11 +318,11 @@ INLINE void narrow_row(int op, int code, const char *pa, const char *pb, Py_ssiz
         }
         NARROW_FLUSH();
     }
-    if (!IN_DOUBLE(op, code)) {
+    if (NEED_AA(op) && !IN_DOUBLE(op, code)) {
         acc.aa[0] += da0;
         acc.aa[1] += da1;
     }
-    if (op == OP_PAIR && !IN_DOUBLE(op, code)) {
+    if (PAIRED(op) && !IN_DOUBLE(op, code)) {
         acc.bb[0] += db0;
         acc.bb[1] += db1;
         acc.ab[0] += dab0;
@@ -330,8 +339,10 @@ INLINE void narrow_row(int op, int code, const char *pa, const char *pb, Py_ssiz
     do {                                                                        \
         vd x0, x1, y0 = {0}, y1 = {0};                                          \
         load8(ca, PA, &x0, &x1);                                                \
-        acc.aa[0] += x0 * x0;                                                   \
-        acc.aa[1] += x1 * x1;                                                   \
+        if (NEED_AA(op)) {                                                      \
+            acc.aa[0] += x0 * x0;                                               \
+            acc.aa[1] += x1 * x1;                                               \
+        }                                                                       \
         if (op != OP_NORM) {                                                    \
             load8(cb, PB, &y0, &y1);                                            \
             acc.bb[0] += y0 * y0;                                               \
@@ -529,8 +540,8 @@ typedef void (*DecodeFn)(const Mat *a, char *out, Py_ssize_t out_stride);
 
 typedef struct {
     const char *name;
-    RowsFn same[3][N_CODES];     /* [op][code]: both inputs of one dtype */
-    RowsFn mixed[3];             /* [op]: different dtypes */
+    RowsFn same[N_OPS][N_CODES]; /* [op][code]: both inputs of one dtype */
+    RowsFn mixed[N_OPS];         /* [op]: different dtypes (OP_NEXT: as OP_PAIR) */
     DecodeFn decode[2][N_CODES]; /* [float32, float64 out][code] */
 } Variant;
 
@@ -554,6 +565,7 @@ typedef struct {
     ALL_CODES(ROWS_FN, V, ATTR, OP_NORM)     \
     ALL_CODES(ROWS_FN, V, ATTR, OP_PAIR)     \
     ALL_CODES(ROWS_FN, V, ATTR, OP_DIFF)     \
+    ALL_CODES(ROWS_FN, V, ATTR, OP_NEXT)     \
     MIXED_FN(V, ATTR, OP_PAIR)               \
     MIXED_FN(V, ATTR, OP_DIFF)               \
     ALL_CODES(DECODE_FN, V, ATTR, 4)         \
@@ -564,8 +576,8 @@ typedef struct {
 #define DEC_OF(V, Z) \
     {V##_dec##Z##_C_BF16, V##_dec##Z##_C_F16, V##_dec##Z##_C_E4M3, V##_dec##Z##_C_E5M2, V##_dec##Z##_C_F32, V##_dec##Z##_C_F64}
 #define VARIANT_ENTRY(V)                                                   \
-    {#V, {ROW_OF(V, OP_NORM), ROW_OF(V, OP_PAIR), ROW_OF(V, OP_DIFF)},     \
-     {NULL, V##_OP_PAIR_mixed, V##_OP_DIFF_mixed}, {DEC_OF(V, 4), DEC_OF(V, 8)}}
+    {#V, {ROW_OF(V, OP_NORM), ROW_OF(V, OP_PAIR), ROW_OF(V, OP_DIFF), ROW_OF(V, OP_NEXT)},    \
+     {NULL, V##_OP_PAIR_mixed, V##_OP_DIFF_mixed, V##_OP_PAIR_mixed}, {DEC_OF(V, 4), DEC_OF(V, 8)}}
 
 DEFINE_VARIANT(default, )
 #ifdef LD_X86_VARIANTS
@@ -573,11 +585,15 @@ DEFINE_VARIANT(avx2, __attribute__((target("avx2,fma,f16c"))))
 DEFINE_VARIANT(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))))
 #endif
 
-/* Best first. */
+/* The first one this CPU runs is used. AVX2 goes before AVX-512: the loops
+ * are 256 bits wide, and with AVX-512 enabled GCC widens each float32 ->
+ * float64 conversion to a 512-bit one plus shuffles; that variant measured
+ * 5-25% slower than AVX2 on AMD EPYC (benchmarks/kernel_speed.py --isas).
+ * It stays, selectable with set_isa, and is tested against the others. */
 static const Variant VARIANTS[] = {
 #ifdef LD_X86_VARIANTS
-    VARIANT_ENTRY(avx512),
     VARIANT_ENTRY(avx2),
+    VARIANT_ENTRY(avx512),
 #endif
     VARIANT_ENTRY(default),
 };
@@ -692,12 +708,14 @@ static PyObject *run_sums(int op, PyObject *args) {
     if (op != OP_NORM) PyBuffer_Release(&vb);
     if (op == OP_NORM) return PyFloat_FromDouble(s.aa);
     if (op == OP_PAIR) return Py_BuildValue("(ddd)", s.aa, s.bb, s.ab);
+    if (op == OP_NEXT) return Py_BuildValue("(dd)", s.bb, s.ab);
     /* The sum of squared differences is NaN exactly when a difference is. */
     if (isnan(s.dd)) s.maxabs = NAN;
     return Py_BuildValue("(ddddLd)", s.aa, s.bb, s.ab, s.dd, (long long)s.equal, s.maxabs);
 }
 
 static PyObject *py_pair_sums(PyObject *self, PyObject *args) { return run_sums(OP_PAIR, args); }
+static PyObject *py_next_sums(PyObject *self, PyObject *args) { return run_sums(OP_NEXT, args); }
 static PyObject *py_norm_sum(PyObject *self, PyObject *args) { return run_sums(OP_NORM, args); }
 static PyObject *py_diff_sums(PyObject *self, PyObject *args) { return run_sums(OP_DIFF, args); }
 
@@ -803,13 +821,14 @@ static PyObject *py_set_isa(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"pair_sums", py_pair_sums, METH_VARARGS, "pair_sums(a, a_code, b, b_code) -> (<a,a>, <b,b>, <a,b>)"},
+    {"next_sums", py_next_sums, METH_VARARGS, "next_sums(a, a_code, b, b_code) -> (<b,b>, <a,b>)"},
     {"norm_sum", py_norm_sum, METH_VARARGS, "norm_sum(a, a_code) -> <a,a>"},
     {"diff_sums", py_diff_sums, METH_VARARGS,
      "diff_sums(a, a_code, b, b_code) -> (<a,a>, <b,b>, <a,b>, |b-a|^2, equal, max|b-a|)"},
     {"decode", py_decode, METH_VARARGS, "decode(a, a_code, out): decoded values into float32/float64 out"},
     {"isa", py_isa, METH_NOARGS, "The instruction-set variant in use."},
-    {"isas", py_isas, METH_NOARGS, "The variants this CPU can run, best first."},
-    {"compiled_isas", py_compiled_isas, METH_NOARGS, "The variants in this build, best first."},
+    {"isas", py_isas, METH_NOARGS, "The variants this CPU can run, the default first."},
+    {"compiled_isas", py_compiled_isas, METH_NOARGS, "The variants in this build, in order of preference."},
     {"set_isa", py_set_isa, METH_VARARGS, "set_isa(name): use another variant (tests, benchmarks)."},
     {NULL, NULL, 0, NULL},
 };

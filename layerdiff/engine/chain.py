@@ -1,7 +1,7 @@
 """The chain pass: adjacent-layer sums |W_L|^2 and <W_L, W_L+1>, streamed.
 
 An item walks the layers of one row block in order. The fused kernel
-(`fused.pair_sums`) reads the raw mapped bytes of layer L-1 and layer L and
+(`fused.next_sums`) reads the raw mapped bytes of layer L-1 and layer L and
 returns |W_L|^2 and <W_L-1, W_L> in one pass, decoding in registers: no
 decoded copies. Layer L-1's block stays mapped until it is paired with L, so
 two raw blocks per worker are alive; every analysed byte is read from storage
@@ -109,7 +109,7 @@ def _chain(seg: Segment, reader: Reader, r0: int, r1: int, shares: list[tuple[An
                     norms[p, 0] = sum(fused.norm_sum(x, code) for x, code in pieces)
                     continue
                 for (x, xc), (y, yc) in zip(prev[p], pieces):
-                    _, bb, ab = fused.pair_sums(x, xc, y, yc)
+                    bb, ab = fused.next_sums(x, xc, y, yc)
                     norms[p, i] += bb
                     dots[p, i - 1] += ab
             if len(held) == 2:

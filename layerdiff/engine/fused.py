@@ -43,6 +43,7 @@ ITEMSIZE: dict[str, int] = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 PairSums = tuple[float, float, float]
+NextSums = tuple[float, float]
 DiffSums = tuple[float, float, float, float, int, float]
 
 
@@ -50,6 +51,7 @@ class Kernel(Protocol):
     name: str
 
     def pair_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> PairSums: ...
+    def next_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> NextSums: ...
     def norm_sum(self, a: np.ndarray, a_code: str) -> float: ...
     def diff_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> DiffSums: ...
     def decode(self, a: np.ndarray, a_code: str, out: np.ndarray) -> None: ...
@@ -205,6 +207,11 @@ class NumpyKernel:
         self._scratch.last = (weakref.ref(b), b_code, y, bb, key)
         return aa, bb, ab
 
+    def next_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> NextSums:
+        # <a,a> comes from the chain's cache, or costs a dot: no loop of its own.
+        _, bb, ab = self.pair_sums(a, a_code, b, b_code)
+        return bb, ab
+
     def _whole(self, raw: np.ndarray, code: str, key: str) -> np.ndarray:
         """All of a (small) raw block as flat float64 values, in a reused buffer."""
         r = _check(raw, code, "a")
@@ -269,6 +276,9 @@ class CKernel:
     def pair_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> PairSums:
         return self._ext.pair_sums(_raw(a), a_code, _raw(b), b_code)
 
+    def next_sums(self, a: np.ndarray, a_code: str, b: np.ndarray, b_code: str) -> NextSums:
+        return self._ext.next_sums(_raw(a), a_code, _raw(b), b_code)
+
     def norm_sum(self, a: np.ndarray, a_code: str) -> float:
         return self._ext.norm_sum(_raw(a), a_code)
 
@@ -321,6 +331,9 @@ KERNEL: str = _KERNEL.name
 
 pair_sums = _KERNEL.pair_sums
 """(a, a_code, b, b_code) -> (<a,a>, <b,b>, <a,b>), summed in float64."""
+next_sums = _KERNEL.next_sums
+"""(a, a_code, b, b_code) -> (<b,b>, <a,b>): pair_sums without <a,a>, which a chain
+of layers has from the previous pair (in C, a third fewer products to sum)."""
 norm_sum = _KERNEL.norm_sum
 """(a, a_code) -> <a,a>."""
 diff_sums = _KERNEL.diff_sums
