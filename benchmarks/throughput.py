@@ -10,7 +10,8 @@ on the same files in one run.
     (the read ceiling of this machine for these files);
 (b) `layerdiff scan` (warm), --repeat times: median and best wall, peak tree RSS;
 (c) if torch and transformers import: benchmarks/seed_way.py --seed-repeat times (default
-    1: it is slow; its own wall time swings 20-30 s here), median and peak RSS.
+    1: it is slow; its own wall time swings 9-30 s here, its first run usually the slowest),
+    median (of an even count, the faster middle run) and peak RSS.
 Ratios printed: scan/cat wall time, seed/scan wall time, seed/scan peak RSS, and
 run.bytes_mapped / run.bytes_analysed from result.json (1.0 = nothing mapped or read that
 was not analysed).  Agreement: scan and (if it ran) seed_way are compared with each other and with a float64
@@ -222,7 +223,9 @@ def main(argv=None):
             if seed_runs:
                 with open(seed_out) as f:
                     seed_doc = json.load(f)
-                seed_r = sorted(seed_runs, key=lambda r: r.wall)[len(seed_runs) // 2]  # the median run
+                # The median run; of an even count, the faster middle one: the ratio is never
+                # inflated by the seed's slowest runs.
+                seed_r = sorted(seed_runs, key=lambda r: r.wall)[(len(seed_runs) - 1) // 2]
                 fig["seed"] = {"walls": [r.wall for r in seed_runs], "wall": seed_r.wall,
                                "peak_tree_rss": max(r.peak_tree_rss for r in seed_runs),
                                "ru_maxrss": max(r.ru_maxrss_child for r in seed_runs)}
