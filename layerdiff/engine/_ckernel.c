@@ -587,9 +587,10 @@ DEFINE_VARIANT(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq
 
 /* The first one this CPU runs is used. AVX2 goes before AVX-512: the loops
  * are 256 bits wide, and with AVX-512 enabled GCC widens each float32 ->
- * float64 conversion to a 512-bit one plus shuffles; that variant measured
- * 5-25% slower than AVX2 on AMD EPYC (benchmarks/kernel_speed.py --isas).
- * It stays, selectable with set_isa, and is tested against the others. */
+ * float64 conversion to a 512-bit one plus shuffles; on AMD EPYC that variant
+ * measured 1.2-1.4x slower in pair sums, even in norms, and only in diffs of
+ * F32 faster (benchmarks/kernel_speed.py --isas). It stays, selectable with
+ * set_isa, and is tested against the others. */
 static const Variant VARIANTS[] = {
 #ifdef LD_X86_VARIANTS
     VARIANT_ENTRY(avx2),
