@@ -416,6 +416,7 @@ def test_the_build_has_avx2_and_avx512_code():
                          check=True).stdout
     assert "%zmm" in asm and "%ymm" in asm
     assert "vfmadd231ps" in asm  # float32 lanes with FMA in the avx2/avx512 loops
+    assert "vcvtph2ps" in asm  # F16 converted by F16C there
 
 
 def test_the_gil_is_released():
