@@ -31,6 +31,11 @@ FAMILIES, COMMON = "families", "common"
 _EXPERT = re.compile(r"^(?:.*\.)?experts\.(?:\d+\.|\{E\}\.)?(?P<base>.+)$")
 
 
+def is_bias(name: str) -> bool:
+    """A bias family (`*.bias`): its scale follows another schedule than the weights'."""
+    return name.endswith(".bias")
+
+
 @dataclass(frozen=True)
 class Registry:
     """The loaded tables: matchable architectures in priority order, fragments, families, common data."""
@@ -57,7 +62,7 @@ class Registry:
                           declared.about if declared else "")
         if declared is not None:
             return declared
-        if name.endswith(".bias"):
+        if is_bias(name):
             return Family(name, None, "bias")
         m = _EXPERT.match(name)
         if m:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..archs.registry import is_bias
 from ..checkpoint.index import TensorInfo
 
 # The seed script's families, in its order: its JSON keys and tables use these.
@@ -39,11 +40,6 @@ def family_order(families: list[str]) -> list[str]:
 
 # How reports group families: tables, inspect and plots list matrices, then norms, then biases.
 FAMILY_KINDS = ("matrices", "norms", "biases")
-
-
-def is_bias(name: str) -> bool:
-    """A bias family (`*.bias`): its scale follows another schedule than the weights'."""
-    return name.endswith(".bias")
 
 
 def family_kind(name: str, ndim: int) -> int:
