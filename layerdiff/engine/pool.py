@@ -126,7 +126,8 @@ def _recv(fd: int, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _message(fd: int) -> tuple[bool, Any] | None:
+def _message(fd: int) -> Any:
+    """The next pickled object from fd (an item, or an (ok, value) result), or None at end of file."""
     head = _recv(fd, _LEN.size)
     body = _recv(fd, _LEN.unpack(head)[0]) if head is not None else None
     return None if body is None else pickle.loads(body)
